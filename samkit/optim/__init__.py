@@ -1,0 +1,3 @@
+from samkit.optim.sam import SAM
+
+__all__ = ["SAM"]
