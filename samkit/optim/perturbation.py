@@ -1,0 +1,148 @@
+"""The SAM ascent step ε̂ (Foret et al. 2021, eq. 2; ASAM, Kwon et al. 2021): the only place samkit computes it.
+
+For gradients g and 1/p + 1/q = 1, with T = diag(|w| + eta) when adaptive and T = I otherwise::
+
+    g~ = T g
+    ε~ = rho * sign(g~) * |g~|^(q-1) / ((||g~||_q^q)^(1/p) + eps)     # the dual-norm maximiser
+    ε^ = T ε~                                                          # ||T^-1 ε^||_p = rho
+
+    p = 2:   ε^ = rho * T² g / (||T g||_2 + eps)
+    p = inf: ε^ = rho * T sign(T g)
+
+The norm is global: it runs over every parameter (of every param group) that shares the same p, while rho,
+adaptive and eta may differ per group. Numerics follow the most used PyTorch implementation: for p = 2 the
+norm is the 2-norm of the stacked per-tensor 2-norms, and the stabiliser eps is added outside the norm.
+
+Two implementations share these formulas: `torch._foreach_*` kernels (the fast path, a handful of kernel
+launches for any number of tensors) and a plain per-tensor loop (the reference, also usable under
+`torch.func.vmap`). Tests hold them equal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PerturbationGroup:
+    """Parameters and their gradients that share one set of SAM options (one param group)."""
+
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    rho: float
+    p: float = 2.0
+    adaptive: bool = False
+    eta: float = 0.0
+
+
+def dual_exponent(p: float) -> float:
+    """q with 1/p + 1/q = 1 (q = 1 for p = inf)."""
+    return 1.0 if math.isinf(p) else p / (p - 1.0)
+
+
+def perturbation(
+    groups: Sequence[PerturbationGroup], *, eps: float = 1e-12, foreach: bool = True
+) -> tuple[list[list[Tensor]], Optional[Tensor]]:
+    """ε̂ for every gradient of every group, and the largest ||T g||_q over the p-classes.
+
+    Returns ``(epsilons, norm)``: ``epsilons[i][j]`` matches ``groups[i].grads[j]``; ``norm`` is a 0-dim tensor
+    (``None`` when there are no gradients) whose finiteness tells whether ε̂ is usable.
+
+    >>> g = PerturbationGroup(params=[torch.zeros(2)], grads=[torch.tensor([3.0, 4.0])], rho=0.5)
+    >>> [e.tolist() for e in perturbation([g])[0][0]]
+    [[0.30000001192092896, 0.4000000059604645]]
+    """
+    scaled = [_scaled_grads(g, foreach) for g in groups]  # T g per group
+    epsilons: list[list[Tensor]] = [[] for _ in groups]
+    norms: list[Tensor] = []
+    for p in sorted({float(g.p) for g in groups}):
+        members = [i for i, g in enumerate(groups) if float(g.p) == p and len(g.grads) > 0]
+        if not members:
+            continue
+        q = dual_exponent(p)
+        device = scaled[members[0]][0].device
+        per_tensor = [n.to(device) for i in members for n in _norms(scaled[i], q, foreach)]
+        if not per_tensor:
+            continue
+        stacked = torch.stack(per_tensor)
+        if p == 2.0:
+            norm = torch.linalg.vector_norm(stacked, 2)
+            denominator = norm + eps
+        elif math.isinf(p):
+            norm = torch.linalg.vector_norm(stacked, math.inf)  # only for the finiteness check
+            denominator = None
+        else:
+            norm = torch.linalg.vector_norm(stacked, q)
+            denominator = norm.pow(q / p) + eps  # (||g~||_q^q)^(1/p)
+        norms.append(norm)
+        for i in members:
+            epsilons[i] = _epsilon(groups[i], scaled[i], p, q, denominator, foreach)
+    norm = torch.stack([n.to(norms[0].device) for n in norms]).max() if norms else None
+    return epsilons, norm
+
+
+def _scale(group: PerturbationGroup, foreach: bool) -> Optional[list[Tensor]]:
+    """T = |w| + eta for adaptive groups, None (identity) otherwise."""
+    if not group.adaptive:
+        return None
+    if foreach:
+        t = torch._foreach_abs(list(group.params))
+        if group.eta != 0.0:
+            torch._foreach_add_(t, group.eta)
+        return t
+    return [w.abs() + group.eta if group.eta != 0.0 else w.abs() for w in group.params]
+
+
+def _scaled_grads(group: PerturbationGroup, foreach: bool) -> list[Tensor]:
+    t = _scale(group, foreach)
+    grads = list(group.grads)
+    if t is None:
+        return grads
+    if foreach:
+        return torch._foreach_mul(t, grads)
+    return [ti * g for ti, g in zip(t, grads)]
+
+
+def _norms(tensors: list[Tensor], q: float, foreach: bool) -> list[Tensor]:
+    if foreach:
+        return list(torch._foreach_norm(tensors, q))
+    return [torch.linalg.vector_norm(t, q) for t in tensors]
+
+
+def _epsilon(
+    group: PerturbationGroup,
+    scaled: list[Tensor],
+    p: float,
+    q: float,
+    denominator: Optional[Tensor],
+    foreach: bool,
+) -> list[Tensor]:
+    # direction d = sign(g~)|g~|^(q-1); for p = 2 that is g~ itself, for p = inf sign(g~)
+    t = _scale(group, foreach)
+    factor = group.rho if denominator is None else group.rho / denominator
+    if p == 2.0:
+        if t is None:
+            direction, t = list(group.grads), None
+        elif foreach:  # T² g, in the order the common implementation multiplies (bit-exact with it)
+            direction, t = torch._foreach_mul(torch._foreach_mul(t, t), list(group.grads)), None
+        else:
+            direction, t = [ti * ti * g for ti, g in zip(t, group.grads)], None
+    elif math.isinf(p):
+        direction = torch._foreach_sign(scaled) if foreach else [s.sign() for s in scaled]
+    elif foreach:
+        magnitude = torch._foreach_pow(torch._foreach_abs(scaled), q - 1)
+        direction = torch._foreach_mul(torch._foreach_sign(scaled), magnitude)
+    else:
+        direction = [s.sign() * s.abs().pow(q - 1) for s in scaled]
+    if foreach:
+        eps_hat = torch._foreach_mul(direction, factor)
+        if t is not None:
+            torch._foreach_mul_(eps_hat, t)
+        return list(eps_hat)
+    eps_hat = [d * factor for d in direction]
+    return eps_hat if t is None else [e * ti for e, ti in zip(eps_hat, t)]

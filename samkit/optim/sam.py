@@ -1,0 +1,334 @@
+"""SAM: Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv 2010.01412) as a torch.optim.Optimizer.
+
+One step on a batch B, wrapping any base optimizer::
+
+    g   = ∇L_B(w)                       # first forward-backward (the user's)
+    ε̂   = rho g / ||g||                 # first_step(): save w, move to w + ε̂   (samkit.optim.perturbation)
+    g'  = ∇L_B(w + ε̂)                   # second forward-backward (the user's)
+    w   <- saved w (a copy: bit-exact)   # second_step(): restore, then
+    w   <- base_optimizer.step(w, g')
+
+With ``adaptive=True`` this is ASAM (Kwon et al. 2021): ε̂ = rho T² g / ||T g|| with T = |w| + eta.
+``interval=k`` makes only every k-th step a SAM step; the others are plain base steps with one pass.
+
+SAM shares ``param_groups`` (and ``state``) with its base optimizer, so LR schedulers, ``zero_grad``,
+``add_param_group`` and checkpoints act on both. ``rho``, ``p``, ``adaptive`` and ``eta`` may differ per
+param group; the gradient norm is global.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from samkit.optim.perturbation import PerturbationGroup, perturbation
+
+_SAM_OPTIONS = ("rho", "p", "adaptive", "eta")
+
+
+def _check_group_options(group: dict) -> None:
+    rho, p, eta = group["rho"], group["p"], group["eta"]
+    if not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    if not isinstance(p, (int, float)) or math.isnan(p) or p <= 1:
+        raise ValueError(f"p must be > 1 (2 for SAM, float('inf') for the sign variant), got {p!r}")
+    if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if not isinstance(group["adaptive"], bool):
+        raise ValueError(f"adaptive must be True or False, got {group['adaptive']!r}")
+
+
+class SAM(Optimizer):
+    """Sharpness-Aware Minimization around any ``torch.optim`` optimizer.
+
+    Args:
+        params: parameters or param-group dicts (a group may carry its own ``rho``, ``p``, ``adaptive``, ``eta``).
+        base_optimizer: an Optimizer class (built here over the same param groups with ``base_kwargs``) or an
+            already built instance over exactly these parameters.
+        rho: radius of the neighbourhood (paper default 0.05; ASAM uses 0.5 to 1.0).
+        p: the norm of the ρ-ball: 2 (default), ``float("inf")``, or any p > 1.
+        adaptive: ASAM's scale-invariant ball, T = |w| + eta.
+        eta: ASAM's offset (0 is the common definition; the ASAM authors use 0.01 on weights only, see README).
+        eps: stabiliser added to the norm (outside it, as the common implementation does).
+        interval: only every ``interval``-th step perturbs; the others are plain base steps.
+        foreach: use ``torch._foreach_*`` kernels (default) or the plain per-tensor loop.
+
+    Example (the two-step API)::
+
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> torch.nn.functional.mse_loss(model(x), y).backward()
+        >>> opt.first_step(zero_grad=True)
+        >>> torch.nn.functional.mse_loss(model(x), y).backward()
+        >>> opt.second_step(zero_grad=True)
+    """
+
+    def __init__(
+        self,
+        params,
+        base_optimizer,
+        *,
+        rho: float = 0.05,
+        p: float = 2,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        eps: float = 1e-12,
+        interval: int = 1,
+        foreach: Optional[bool] = None,
+        **base_kwargs: Any,
+    ) -> None:
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be an integer >= 1 (1 = SAM on every step), got {interval!r}")
+        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        defaults = dict(rho=rho, p=p, adaptive=adaptive, eta=eta)
+        _check_group_options(defaults)
+        self.eps = float(eps)
+        self.interval = interval
+        self.foreach = True if foreach is None else bool(foreach)
+        self._steps_taken = 0  # SAM's own counter: decides which steps perturb when interval > 1
+        self._saved: dict[Tensor, Tensor] = {}  # w before the ascent, keyed by parameter
+        self._perturbed: list[Tensor] = []  # parameters currently at w + ε̂
+        self._awaiting_second_step = False
+
+        if isinstance(base_optimizer, Optimizer):
+            if base_kwargs:
+                raise TypeError(
+                    f"options {sorted(base_kwargs)} were given for the base optimizer, but base_optimizer is an "
+                    f"already built {type(base_optimizer).__name__}: pass them to its constructor instead"
+                )
+            super().__init__(params, defaults)
+            self._adopt(base_optimizer)
+            self.base_optimizer = base_optimizer
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+            super().__init__(params, defaults)
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        else:
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) or an instance "
+                f"built over the same parameters, got {base_optimizer!r}"
+            )
+        self._link()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # construction helpers
+
+    def _adopt(self, base: Optimizer) -> None:
+        """Merge SAM's per-group options into an already built base optimizer's groups."""
+        mine = [[id(t) for t in g["params"]] for g in self.param_groups]
+        theirs = [[id(t) for t in g["params"]] for g in base.param_groups]
+        if sorted(sum(mine, [])) != sorted(sum(theirs, [])):
+            raise ValueError(
+                f"base_optimizer {type(base).__name__} is built over other parameters than the ones given to SAM "
+                f"({sum(map(len, theirs))} vs {sum(map(len, mine))} tensors): build it over the same parameters, "
+                "or pass its class and options instead"
+            )
+        if mine == theirs:
+            for sam_group, base_group in zip(self.param_groups, base.param_groups):
+                for key in _SAM_OPTIONS:
+                    base_group[key] = sam_group[key]
+        elif len(self.param_groups) == 1:
+            for base_group in base.param_groups:
+                for key in _SAM_OPTIONS:
+                    base_group.setdefault(key, self.defaults[key])
+                _check_group_options(base_group)
+        else:
+            raise ValueError(
+                "SAM's param groups do not match the base optimizer's: pass the same groups to both, or a flat "
+                "parameter list to SAM (its options then apply to every group of the base optimizer)"
+            )
+
+    def _link(self) -> None:
+        # one list of group dicts and one state for both: schedulers and checkpoints see a single optimizer
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    def add_param_group(self, param_group: dict) -> None:
+        for key, value in self.defaults.items():
+            param_group.setdefault(key, value)
+        _check_group_options(param_group)
+        base = self.__dict__.get("base_optimizer")
+        if base is None:  # during Optimizer.__init__
+            super().add_param_group(param_group)
+        else:
+            base.add_param_group(param_group)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the step
+
+    @property
+    def is_sam_step(self) -> bool:
+        """Whether the current step perturbs (False on the steps that ``interval`` skips).
+
+        A hand-written loop can skip its second forward-backward when this is False.
+        """
+        return self._steps_taken % self.interval == 0
+
+    @property
+    def perturbed(self) -> bool:
+        """Whether the weights currently sit at w + ε̂ (between first_step and restore/second_step)."""
+        return bool(self._perturbed)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, *, grads: Optional[Sequence[Optional[Tensor]]] = None) -> None:
+        """Save w and move to w + ε̂, computed from ``p.grad`` (or from ``grads``).
+
+        ``grads``, if given, lists one gradient (or None) per parameter in param-group order, e.g. the output of
+        ``torch.autograd.grad``; ``p.grad`` is then left alone (that is how mSAM accumulates perturbed gradients).
+        On a step that ``interval`` skips, nothing moves and the gradients are kept for ``second_step``.
+        """
+        if self._perturbed:
+            raise RuntimeError(
+                "first_step() called twice without second_step() (or restore()) in between: the weights are "
+                "already perturbed"
+            )
+        self._awaiting_second_step = True
+        if not self.is_sam_step:
+            return
+        groups = self._perturbation_groups(grads)
+        epsilons, norm = perturbation(groups, eps=self.eps, foreach=self.foreach)
+        if norm is not None and not bool(torch.isfinite(norm)):
+            self._awaiting_second_step = False
+            raise FloatingPointError(
+                f"the gradient norm in first_step is {norm.item()}: SAM will not write non-finite values into the "
+                "weights. Under mixed precision, unscale the gradients first or use samkit.sam_step(..., "
+                "scaler=GradScaler()), which skips such steps"
+            )
+        params = [t for g in groups for t in g.params]
+        eps_flat = [e for eg in epsilons for e in eg]
+        saved = [self._saved_buffer(t) for t in params]
+        if params:
+            if self.foreach:
+                torch._foreach_copy_(saved, params)
+                torch._foreach_add_(params, eps_flat)
+            else:
+                for buffer, t, e in zip(saved, params, eps_flat):
+                    buffer.copy_(t)
+                    t.add_(e)
+        self._perturbed = params
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the saved weights (a copy: bit-exact) without stepping. A no-op when nothing is perturbed."""
+        params, self._perturbed = self._perturbed, []
+        if not params:
+            return
+        saved = [self._saved[t] for t in params]
+        if self.foreach:
+            torch._foreach_copy_(params, saved)
+        else:
+            for t, buffer in zip(params, saved):
+                t.copy_(buffer)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore w and run the base optimizer with the gradient taken at w + ε̂."""
+        if not self._awaiting_second_step:
+            raise RuntimeError("second_step() called without first_step(): call first_step() after the first backward")
+        self.restore()
+        self.base_optimizer.step()
+        self._awaiting_second_step = False
+        self._steps_taken += 1
+        self._opt_called = True  # what an LR scheduler attached to this optimizer checks for
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """One SAM step with a standard closure (zero grads, forward, backward, return the loss).
+
+        The closure runs twice (once on steps that ``interval`` skips); returns the loss of the first call.
+        """
+        if closure is None:
+            raise ValueError(
+                "SAM.step() needs a closure that zeroes the gradients, runs forward and backward and returns the "
+                "loss; or use first_step()/second_step() with your own two passes"
+            )
+        closure = torch.enable_grad()(closure)
+        loss = closure()
+        sam = self.is_sam_step
+        self.first_step(zero_grad=True)
+        if sam:
+            closure()
+        self.second_step()
+        return loss
+
+    # ----------------------------------------------------------------------------------------------------------
+    # helpers
+
+    def _perturbation_groups(self, grads: Optional[Sequence[Optional[Tensor]]]) -> list[PerturbationGroup]:
+        if grads is not None:
+            expected = sum(len(g["params"]) for g in self.param_groups)
+            if len(grads) != expected:
+                raise ValueError(
+                    f"grads has {len(grads)} entries but the optimizer has {expected} parameters: give one gradient "
+                    "(or None) per parameter, in param-group order"
+                )
+        position = 0
+        groups = []
+        for group in self.param_groups:
+            params, group_grads = [], []
+            for t in group["params"]:
+                g = t.grad if grads is None else grads[position]
+                position += 1
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(
+                        f"SAM does not support sparse gradients (parameter of shape {tuple(t.shape)}); use dense "
+                        "gradients, e.g. nn.Embedding(..., sparse=False)"
+                    )
+                params.append(t)
+                group_grads.append(g)
+            groups.append(
+                PerturbationGroup(
+                    params, group_grads, rho=group["rho"], p=group["p"], adaptive=group["adaptive"], eta=group["eta"]
+                )
+            )
+        return groups
+
+    def _saved_buffer(self, t: Tensor) -> Tensor:
+        buffer = self._saved.get(t)
+        if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype or buffer.device != t.device:
+            buffer = torch.empty_like(t, memory_format=torch.preserve_format)
+            self._saved[t] = buffer
+        return buffer
+
+    # ----------------------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict (its state, e.g. Adam's moments, and the shared groups) plus SAM's own."""
+        if self._perturbed:
+            raise RuntimeError(
+                "state_dict() called between first_step() and second_step(): the weights are perturbed; save "
+                "after second_step()"
+            )
+        state = self.base_optimizer.state_dict()
+        state["sam"] = {"steps_taken": self._steps_taken, "interval": self.interval, "eps": self.eps}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "sam" not in state_dict:
+            raise ValueError(
+                "this state dict has no 'sam' entry: it was not saved by samkit.SAM.state_dict(); load a base "
+                "optimizer's state with opt.base_optimizer.load_state_dict(...) instead"
+            )
+        state_dict = dict(state_dict)
+        sam_state = state_dict.pop("sam")
+        self.base_optimizer.load_state_dict(state_dict)
+        self._link()  # load_state_dict replaced the base's group list and state
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self._steps_taken = int(sam_state["steps_taken"])
+
+    def __repr__(self) -> str:
+        return f"SAM(base_optimizer={self.base_optimizer!r}, interval={self.interval}, eps={self.eps})"

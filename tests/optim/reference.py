@@ -1,0 +1,46 @@
+"""Plain references written from the formulas (ALGORITHMS.md), used to check samkit's optimizers."""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+
+def mlp(seed: int = 0, dtype=torch.float64) -> torch.nn.Module:
+    """A small MLP with biases (4 -> 8 -> 3)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+
+
+def batch(seed: int = 1, n: int = 16, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def loss_fn(outputs, targets):
+    return torch.nn.functional.cross_entropy(outputs, targets)
+
+
+def gradients(model, weights: dict, x, y) -> dict:
+    """∇L(w) at the given weights, by autograd on a functional call (the model's own weights are not touched)."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in weights.items()}
+    loss = loss_fn(functional_call(model, leaves, (x,)), y)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return dict(zip(leaves, grads))
+
+
+def reference_sam_sgd(model, x, y, *, steps, rho, lr, momentum, weight_decay, adaptive=False, eta=0.0):
+    """SAM around SGD(momentum, weight decay), written out from eq. 2-3 and torch's SGD update rule."""
+    w = {k: v.detach().clone() for k, v in model.named_parameters()}
+    buffers = {}
+    for _ in range(steps):
+        g = gradients(model, w, x, y)
+        t = {k: (w[k].abs() + eta) if adaptive else torch.ones_like(w[k]) for k in w}
+        norm = torch.sqrt(sum(((t[k] * g[k]) ** 2).sum() for k in w))
+        e = {k: rho * t[k] ** 2 * g[k] / (norm + 1e-12) for k in w}
+        g2 = gradients(model, {k: w[k] + e[k] for k in w}, x, y)
+        for k in w:
+            d = g2[k] + weight_decay * w[k]
+            buffers[k] = d.clone() if k not in buffers else momentum * buffers[k] + d
+            w[k] = w[k] - lr * buffers[k]
+    return w
