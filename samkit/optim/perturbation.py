@@ -57,7 +57,7 @@ def perturbation(
     >>> [e.tolist() for e in perturbation([g])[0][0]]
     [[0.30000001192092896, 0.4000000059604645]]
     """
-    scaled = [_scaled_grads(g, foreach) for g in groups]  # T g per group
+    scaled = [_scaled_grads(g, foreach) if g.grads else [] for g in groups]  # T g per group
     epsilons: list[list[Tensor]] = [[] for _ in groups]
     norms: list[Tensor] = []
     for p in sorted({float(g.p) for g in groups}):

@@ -228,17 +228,30 @@ class SAM(Optimizer):
                 t.copy_(buffer)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore w and run the base optimizer with the gradient taken at w + ε̂."""
+    def second_step(self, zero_grad: bool = False, *, scaler: Optional[torch.amp.GradScaler] = None) -> None:
+        """Restore w and run the base optimizer with the gradient taken at w + ε̂.
+
+        With a ``scaler``, the base step goes through ``scaler.step`` (skipped when the gradients overflowed);
+        the caller still calls ``scaler.update()`` once per step.
+        """
         if not self._awaiting_second_step:
             raise RuntimeError("second_step() called without first_step(): call first_step() after the first backward")
         self.restore()
-        self.base_optimizer.step()
+        if scaler is None:
+            self.base_optimizer.step()
+        else:
+            scaler.step(self.base_optimizer)
         self._awaiting_second_step = False
         self._steps_taken += 1
         self._opt_called = True  # what an LR scheduler attached to this optimizer checks for
         if zero_grad:
             self.zero_grad()
+
+    @torch.no_grad()
+    def cancel_step(self) -> None:
+        """Abandon the current step: restore the weights and forget the pending first_step (e.g. on an overflow)."""
+        self.restore()
+        self._awaiting_second_step = False
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):

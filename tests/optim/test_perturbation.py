@@ -20,7 +20,7 @@ def random_groups(seed=0):
         PerturbationGroup(params[:2], grads[:2], rho=0.05),
         PerturbationGroup(params[2:3], grads[2:3], rho=0.1, adaptive=True, eta=0.01),
         PerturbationGroup(params[3:], grads[3:], rho=0.2, p=3),
-        PerturbationGroup([], [], rho=0.3, p=float("inf")),
+        PerturbationGroup([], [], rho=0.3, p=float("inf"), adaptive=True),
     ]
 
 

@@ -1,0 +1,233 @@
+"""sam_step against plain SAM and hand-written mSAM references; AMP, clipping, BatchNorm, interval, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from samkit import SAM, sam_step
+from tests.optim.reference import batch, loss_fn, mlp, reference_sam_sgd
+
+SGD_OPTIONS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def max_diff(model, weights):
+    return max((p.detach() - weights[k]).abs().max().item() for k, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("mode", ["per_micro_batch", "shared"])
+def test_one_micro_batch_is_plain_sam_exactly(mode):
+    model, (x, y) = mlp(), batch()
+    plain = copy.deepcopy(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, **SGD_OPTIONS)
+    opt_plain = SAM(plain.parameters(), torch.optim.SGD, **SGD_OPTIONS)
+    for _ in range(3):
+        loss = sam_step(opt, model, loss_fn, x, y, micro_batches=1, perturbation=mode)
+        clean = loss_fn(plain(x), y)
+        clean.backward()
+        opt_plain.first_step(zero_grad=True)
+        loss_fn(plain(x), y).backward()
+        opt_plain.second_step(zero_grad=True)
+        assert torch.equal(loss, clean.detach())
+    assert torch.equal(flat(model), flat(plain))
+
+
+@pytest.mark.parametrize("backend", ["loop", "vmap"])
+def test_four_micro_batches_equal_the_msam_reference(backend):
+    model, (x, y) = mlp(), batch(n=24)
+    expected = reference_sam_sgd(model, x, y, steps=3, rho=0.05, micro_batches=4, **SGD_OPTIONS)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, **SGD_OPTIONS)
+    for _ in range(3):
+        sam_step(opt, model, loss_fn, x, y, micro_batches=4, backend=backend)
+    assert max_diff(model, expected) <= 1e-12
+    # mSAM differs from SAM on the whole batch: the test can tell them apart
+    whole = reference_sam_sgd(mlp(), x, y, steps=3, rho=0.05, **SGD_OPTIONS)
+    assert max_diff(model, whole) > 1e-6
+
+
+def test_unequal_micro_batches_are_weighted_by_size():
+    model, (x, y) = mlp(), batch(n=18)  # 5, 5, 4, 4
+    expected = reference_sam_sgd(model, x, y, steps=2, rho=0.1, micro_batches=4, lr=0.1)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    for _ in range(2):
+        sam_step(opt, model, loss_fn, x, y, micro_batches=4)
+    assert max_diff(model, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", ["loop", "vmap"])
+def test_shared_perturbation_is_sam_on_the_whole_batch(backend):
+    model, (x, y) = mlp(), batch(n=24)
+    expected = reference_sam_sgd(model, x, y, steps=3, rho=0.05, **SGD_OPTIONS)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, **SGD_OPTIONS)
+    for _ in range(3):
+        sam_step(opt, model, loss_fn, x, y, micro_batches=4, perturbation="shared", backend=backend)
+    assert max_diff(model, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("mode", ["per_micro_batch", "shared"])
+def test_vmap_equals_loop_with_adaptive_groups(mode):
+    model, (x, y) = mlp(), batch(n=32)
+    twin = copy.deepcopy(model)
+
+    def build(m):
+        weights = [m[0].weight, m[2].weight]
+        biases = [m[0].bias, m[2].bias]
+        groups = [{"params": weights, "adaptive": True, "eta": 0.01}, {"params": biases, "rho": 0.1}]
+        return SAM(groups, torch.optim.SGD, rho=0.5, **SGD_OPTIONS)
+
+    opt_loop, opt_vmap = build(model), build(twin)
+    for _ in range(3):
+        a = sam_step(opt_loop, model, loss_fn, x, y, micro_batches=4, perturbation=mode)
+        b = sam_step(opt_vmap, twin, loss_fn, x, y, micro_batches=4, perturbation=mode, backend="vmap")
+        assert abs(a.item() - b.item()) <= 1e-12
+    torch.testing.assert_close(flat(model), flat(twin), rtol=0, atol=1e-12)
+
+
+def test_clipping_scales_the_final_gradient_only():
+    model, (x, y) = mlp(), batch(n=24)
+    expected = reference_sam_sgd(model, x, y, steps=2, rho=0.05, micro_batches=3, lr=0.5, max_grad_norm=0.05)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.5)
+    for _ in range(2):
+        sam_step(opt, model, loss_fn, x, y, micro_batches=3, max_grad_norm=0.05)
+    assert max_diff(model, expected) <= 1e-12
+    unclipped = reference_sam_sgd(mlp(), x, y, steps=2, rho=0.05, micro_batches=3, lr=0.5)
+    assert max_diff(model, unclipped) > 1e-4  # the clip was active
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    ).double()
+
+
+def test_batchnorm_running_stats_see_only_the_clean_pass():
+    model, (x, y) = bn_model(), batch()
+    reference = copy.deepcopy(model)
+    reference(x)  # one clean forward in training mode
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    sam_step(opt, model, loss_fn, x, y)
+    bn, ref_bn = model[1], reference[1]
+    assert torch.equal(bn.running_mean, ref_bn.running_mean)
+    assert torch.equal(bn.running_var, ref_bn.running_var)
+    assert bn.num_batches_tracked.item() == 1 and bn.track_running_stats
+
+
+def test_amp_step_without_overflow_equals_the_full_precision_step():
+    model, (x, y) = mlp(dtype=torch.float32), batch(dtype=torch.float32)
+    twin = copy.deepcopy(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, **SGD_OPTIONS)
+    opt_twin = SAM(twin.parameters(), torch.optim.SGD, **SGD_OPTIONS)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for _ in range(3):
+        sam_step(opt, model, loss_fn, x, y, micro_batches=2, scaler=scaler)
+        sam_step(opt_twin, twin, loss_fn, x, y, micro_batches=2)
+    torch.testing.assert_close(flat(model), flat(twin), rtol=1e-6, atol=1e-7)
+    assert scaler.get_scale() == 2.0**10  # no overflow, no growth yet (growth_interval 2000)
+
+
+@pytest.mark.parametrize("overflow_in", ["clean", "perturbed"])
+@pytest.mark.parametrize("mode", ["per_micro_batch", "shared"])
+def test_overflow_skips_the_step_and_lowers_the_scale(overflow_in, mode):
+    model, (x, y) = mlp(dtype=torch.float32), batch(dtype=torch.float32)
+    before = flat(model).clone()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    calls = []
+
+    def exploding_loss(outputs, targets):
+        calls.append(1)
+        loss = loss_fn(outputs, targets)
+        perturbed_pass = len(calls) > (1 if mode == "per_micro_batch" else 2)
+        return loss * 1e38 if perturbed_pass == (overflow_in == "perturbed") else loss
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    sam_step(opt, model, exploding_loss, x, y, micro_batches=2, perturbation=mode, scaler=scaler)
+    assert torch.equal(flat(model), before)
+    assert scaler.get_scale() == 2.0**15
+    assert all(p.grad is None for p in model.parameters())
+    assert not opt.perturbed
+    # the next step runs normally, and momentum was not polluted by the skipped one
+    calls.clear()
+    sam_step(opt, model, loss_fn, x, y, scaler=scaler)
+    assert torch.isfinite(flat(model)).all() and not torch.equal(flat(model), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_on_cpu_trains(dtype):
+    model, (x, y) = mlp(dtype=torch.float32), batch(n=64, dtype=torch.float32)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.5)
+    scaler = torch.amp.GradScaler("cpu") if dtype == torch.float16 else None
+    first = sam_step(opt, model, loss_fn, x, y, micro_batches=2, autocast=dtype, scaler=scaler)
+    for _ in range(20):
+        last = sam_step(opt, model, loss_fn, x, y, micro_batches=2, autocast=dtype, scaler=scaler)
+    assert last.dtype == torch.float32 and last.item() < first.item()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_interval_runs_one_pass_on_skipped_steps():
+    model, (x, y) = mlp(), batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, interval=2, lr=0.1)
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    sam_step(opt, model, loss_fn, x, y, micro_batches=2)
+    assert len(forwards) == 4
+    sam_step(opt, model, loss_fn, x, y, micro_batches=2)
+    assert len(forwards) == 6
+    # the skipped step is plain SGD on the batch gradient
+    twin = mlp()
+    expected = reference_sam_sgd(twin, x, y, steps=1, rho=0.05, micro_batches=2, lr=0.1)
+    twin.load_state_dict(expected)
+    loss_fn(twin(x), y).backward()
+    with torch.no_grad():
+        for p in twin.parameters():
+            p -= 0.1 * p.grad
+    torch.testing.assert_close(flat(model), flat(twin), rtol=0, atol=1e-12)
+
+
+def test_non_finite_gradient_without_scaler_raises_and_keeps_the_weights():
+    model, (x, y) = mlp(), batch()
+    before = flat(model).clone()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(FloatingPointError, match="inf or NaN"):
+        sam_step(opt, model, lambda o, t: loss_fn(o, t) * float("inf"), x, y)
+    assert torch.equal(flat(model), before)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(micro_batches=0), ValueError, "micro_batches must be an integer >= 1.*got 0"),
+        (dict(micro_batches=2.0), ValueError, "micro_batches must be an integer >= 1.*got 2.0"),
+        (dict(micro_batches=17), ValueError, "16 examples, fewer than micro_batches=17"),
+        (dict(perturbation="each"), ValueError, "perturbation must be one of.*'each'"),
+        (dict(backend="jit"), ValueError, "backend must be one of.*'jit'"),
+        (dict(max_grad_norm=0.0), ValueError, "max_grad_norm must be > 0.*0.0"),
+        (dict(scaler="fp16"), TypeError, "scaler must be a torch.amp.GradScaler"),
+        (dict(micro_batches=3, backend="vmap"), ValueError, "16 does not split into 3.*backend='loop'"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    model, (x, y) = mlp(), batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(error, match=match):
+        sam_step(opt, model, loss_fn, x, y, **kwargs)
+
+
+def test_bad_pairings():
+    model, (x, y) = mlp(), batch()
+    with pytest.raises(TypeError, match="needs a samkit.SAM optimizer, got SGD"):
+        sam_step(torch.optim.SGD(model.parameters(), lr=0.1), model, loss_fn, x, y)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="different lengths \\(16 vs 15\\)"):
+        sam_step(opt, model, loss_fn, x, y[:15])
+    with pytest.raises(ValueError, match="must return a scalar tensor.*\\(16,\\)"):
+        sam_step(opt, model, lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction="none"), x, y)
+    bn = bn_model()
+    with pytest.raises(ValueError, match="BatchNorm.*backend='loop'"):
+        sam_step(SAM(bn.parameters(), torch.optim.SGD, lr=0.1), bn, loss_fn, x, y, backend="vmap")
