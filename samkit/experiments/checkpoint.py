@@ -1,0 +1,88 @@
+"""Checkpoints that make a resumed run end with exactly the weights of an uninterrupted one.
+
+What a run's future depends on, and where it lives in the checkpoint:
+
+    weights, BN statistics       model            (the unwrapped module's state_dict)
+    momentum / Adam moments      optimizer        (SAM's state_dict carries its base optimizer's)
+    fp16 loss scale              scaler
+    learning rate                (derived)        schedule.lr_factor(step): no scheduler state to save
+    data order, augmentation     (derived)        generators seeded from (seed, epoch) at each epoch start
+    dropout and other global RNG rng              torch (and CUDA), numpy and python ``random`` states
+    the training labels          train_labels     after label noise / bootstrap relabelling
+    history                      metrics, epoch, step, wall_seconds
+
+The file is written atomically (temp file + os.replace) and loads with ``torch.load(weights_only=True)``:
+only tensors, numbers, strings, lists and dicts go in.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from samkit.experiments.files import write_bytes_with
+
+CHECKPOINT_VERSION = 1
+
+
+def capture_rng_state() -> dict[str, Any]:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    python_version, python_state, python_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": python_version, "state": list(python_state), "gauss": python_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (plus the RNG states and a version) atomically to ``path``."""
+    payload = {"version": CHECKPOINT_VERSION, "rng": capture_rng_state(), **state}
+    write_bytes_with(Path(path), lambda handle: torch.save(payload, handle))
+
+
+def load_checkpoint(path: Path, *, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint``; raise ValueError if it is not one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: pass a run folder or its checkpoint.pt")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which and why
+        raise ValueError(f"{path} is not a readable samkit checkpoint: {error}") from error
+    if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is not a samkit checkpoint (version {CHECKPOINT_VERSION} expected)")
+    return payload

@@ -1,0 +1,92 @@
+"""PNG figures of runs and comparisons (matplotlib, Agg backend, written atomically).
+
+learning_curves(metrics)      loss and error per epoch, train and test (and val)       DIR/curves.png
+hessian_evolution(metrics)    lambda_max and lambda_max / lambda_5 per epoch           DIR/hessian.png
+                              (the SAM paper's Hessian spectrum figure, in two numbers)
+error_bars(rows)              test error per optimizer, mean and 95 % CI               compare/test_error.png
+mean_curves(curves)           mean test error per epoch per optimizer                  compare/curves.png
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from samkit.experiments.files import write_bytes_with  # noqa: E402
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    write_bytes_with(Path(path), lambda handle: figure.savefig(handle, format="png", dpi=110))
+    plt.close(figure)
+    return Path(path)
+
+
+def _column(rows: Sequence[dict[str, Any]], key: str) -> list[float]:
+    return [float(row[key]) if row.get(key) is not None else math.nan for row in rows]
+
+
+def learning_curves(metrics: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> Path:
+    epochs = [row["epoch"] for row in metrics]
+    figure, (loss_axis, error_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "val", "test"):
+        if any(row.get(f"{split}_loss") is not None for row in metrics):
+            loss_axis.plot(epochs, _column(metrics, f"{split}_loss"), marker=".", label=split)
+            error_axis.plot(epochs, [100 * (1 - a) for a in _column(metrics, f"{split}_acc")], marker=".", label=split)
+    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    error_axis.set(xlabel="epoch", ylabel="error (%)", title="error")
+    for axis in (loss_axis, error_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def hessian_evolution(metrics: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> Path:
+    rows = [row for row in metrics if row.get("lambda_max") is not None]
+    epochs = [row["epoch"] for row in rows]
+    figure, (max_axis, ratio_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    max_axis.plot(epochs, _column(rows, "lambda_max"), marker="o")
+    max_axis.set(xlabel="epoch", ylabel="λmax", title="largest Hessian eigenvalue")
+    ratio_axis.plot(epochs, _column(rows, "lambda_ratio"), marker="o", color="tab:orange")
+    ratio_axis.set(xlabel="epoch", ylabel="λmax / λ5", title="λmax / λ5")
+    for axis in (max_axis, ratio_axis):
+        axis.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def error_bars(rows: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> Path:
+    """``rows``: dicts with ``label``, ``mean`` and ``half_width`` (test error in %, nan half-width for n=1)."""
+    figure, axis = plt.subplots(figsize=(max(4, 1.4 * len(rows) + 2), 4))
+    positions = range(len(rows))
+    means = [row["mean"] for row in rows]
+    errors = [0.0 if math.isnan(row["half_width"]) else row["half_width"] for row in rows]
+    axis.bar(positions, means, yerr=errors, capsize=6, color="tab:blue", alpha=0.75)
+    axis.set_xticks(list(positions), [row["label"] for row in rows])
+    axis.set(ylabel="test error (%)", title=title or "test error, mean ± 95 % CI over seeds")
+    finite = [m for m in means if math.isfinite(m)]
+    if finite:
+        low = min(m - e for m, e in zip(means, errors) if math.isfinite(m))
+        axis.set_ylim(max(0.0, low - 0.5 * (max(finite) - low + 1)), None)
+    axis.grid(axis="y", alpha=0.3)
+    return _save(figure, path)
+
+
+def mean_curves(curves: dict[str, list[float]], path: Path, *, ylabel: str = "test error (%)", title: str = "") -> Path:
+    """``curves``: label -> one value per epoch (already averaged over seeds)."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, values in curves.items():
+        axis.plot(range(1, len(values) + 1), values, marker=".", label=label)
+    axis.set(xlabel="epoch", ylabel=ylabel, title=title or "mean over seeds")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(figure, path)
