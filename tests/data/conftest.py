@@ -5,6 +5,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 
 def _idx_bytes(code: int, dims, payload: bytes) -> bytes:
@@ -28,6 +29,16 @@ def _write_fake_fashion(folder, *, n_train=12, n_test=6, seed=0, compressed=True
                 (folder / name).write_bytes(raw)
             arrays[name] = array
     return arrays
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: the tensors here are tiny, and on a shared 2-core machine OpenMP's spinning
+    threads made tiny ops up to 100x slower. Restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
