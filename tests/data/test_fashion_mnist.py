@@ -145,3 +145,23 @@ def test_images_must_be_28x28(isolated, tmp_path, write_fake_fashion, idx_bytes)
     with pytest.raises(ValueError, match=r"shape \(6, 32, 32\)") as info:
         load_dataset("fashion-mnist", data_dir=folder)
     assert str(images) in str(info.value)
+
+
+def test_download_keeps_verified_files_and_fetches_only_the_rest(isolated, monkeypatch, tmp_path, write_fake_fashion):
+    write_fake_fashion(tmp_path / "server")
+    served = {p.name: p.read_bytes() for p in (tmp_path / "server").iterdir()}
+    checksums = {name[:-3]: hashlib.md5(blob).hexdigest() for name, blob in served.items()}
+    monkeypatch.setattr(fm, "FASHION_FILES", checksums)
+    cache = tmp_path / "cache" / "samkit" / "fashion-mnist"
+    cache.mkdir(parents=True)
+    (cache / "train-images-idx3-ubyte.gz").write_bytes(served["train-images-idx3-ubyte.gz"])  # verified: kept
+    (cache / "t10k-images-idx3-ubyte.gz").write_bytes(b"half a download")  # wrong MD5: fetched again
+    fetched = []
+
+    def fake_urlopen(url, timeout=None):
+        fetched.append(url.rsplit("/", 1)[1])
+        return io.BytesIO(served[fetched[-1]])
+
+    monkeypatch.setattr(fm, "urlopen", fake_urlopen)
+    assert load_dataset("fashion-mnist").x_test.shape[0] == 6
+    assert sorted(fetched) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz"]
