@@ -18,7 +18,7 @@ implicit symmetric positive semi-definite matrix", JACM 2011.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,13 +29,14 @@ from samkit.sharpness.model_state import measuring
 from samkit.sharpness.probes import make_generator, rademacher
 
 
-def hutchinson(op: Callable[[Tensor], Tensor], n: int, samples: int, generator: torch.Generator, *, dtype, device):
-    """The per-probe values vᵀHv for ``samples`` Rademacher probes (a float64 CPU tensor)."""
-    values = torch.empty(samples, dtype=torch.float64)
-    for s in range(samples):
-        v = rademacher(n, generator, dtype=dtype, device=device)
-        values[s] = torch.dot(v, op(v)).item()
-    return values
+def hutchinson(op: Callable[[Tensor], Tensor], probes: Iterable[Tensor]) -> Tensor:
+    """vᵀ(H v) for each probe v (one HVP each), as a float64 CPU tensor; their mean estimates tr(H)."""
+    return torch.tensor([torch.dot(v, op(v)).item() for v in probes], dtype=torch.float64)
+
+
+def rademacher_probes(n: int, samples: int, generator: torch.Generator, *, dtype, device) -> Iterator[Tensor]:
+    for _ in range(samples):
+        yield rademacher(n, generator, dtype=dtype, device=device)
 
 
 def hessian_trace(
@@ -73,7 +74,8 @@ def hessian_trace(
     with measuring(model, train_mode=train_mode) as seed_forward:
         op = HessianOperator(model, loss_fn, data, seed_forward=seed_forward, seed=seed)
         loss = op.loss()
-        values = hutchinson(op, op.n, samples, make_generator(seed, op.device), dtype=op.dtype, device=op.device)
+        generator = make_generator(seed, op.device)
+        values = hutchinson(op, rademacher_probes(op.n, samples, generator, dtype=op.dtype, device=op.device))
     trace = values.mean().item()
     if not math.isfinite(trace):
         raise ValueError(f"the Hessian trace estimate is not finite ({trace}); the loss curvature overflows")
