@@ -46,8 +46,9 @@ def hessian_summary(
     return {"lambda_max": top, "lambda_ratio": top / fifth if fifth > 0 else math.inf}
 
 
-def run_sharpness(run_path: str | Path, *, examples: int = HESSIAN_EXAMPLES, k: int = HESSIAN_K, seed: int = 0,
-                  device: str = "cpu") -> dict[str, Any]:
+def run_sharpness(
+    run_path: str | Path, *, examples: int = HESSIAN_EXAMPLES, k: int = HESSIAN_K, seed: int = 0, device: str = "cpu"
+) -> dict[str, Any]:
     """``flatness_report`` of a saved run's model on its first ``examples`` training examples."""
     from samkit.experiments.files import write_json
     from samkit.experiments.inputs import load_run_data
@@ -67,8 +68,15 @@ def run_sharpness(run_path: str | Path, *, examples: int = HESSIAN_EXAMPLES, k: 
     return report
 
 
-def run_landscape(run_path: str | Path, *, examples: int = HESSIAN_EXAMPLES, steps: int = 21, span: float = 1.0,
-                  seed: int = 0, device: str = "cpu") -> Path:
+def run_landscape(
+    run_path: str | Path,
+    *,
+    examples: int = HESSIAN_EXAMPLES,
+    steps: int = 21,
+    span: float = 1.0,
+    seed: int = 0,
+    device: str = "cpu",
+) -> Path:
     """2-D loss landscape of a saved run's model (filter-normalised directions) -> RUN/landscape.png."""
     from samkit.experiments.inputs import load_run_data
     from samkit.experiments.runs import open_run

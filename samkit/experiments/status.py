@@ -3,7 +3,7 @@
     diverged   a train or test loss is NaN or infinite
     collapsed  the model predicts (nearly) one class for the whole test set, or is no better than chance:
                top predicted class >= COLLAPSE_MAJORITY (90 %) of test predictions,
-               or test accuracy <= CHANCE_FACTOR (1.5) / num_classes
+               or test accuracy <= CHANCE_FACTOR (1.2) / num_classes
     ok         otherwise
 
 Why: with 60 % label noise on a small BN CNN, SAM with rho = 0.05 collapses to a constant prediction
@@ -17,7 +17,7 @@ from typing import Sequence
 
 OK, DIVERGED, COLLAPSED = "ok", "diverged", "collapsed"
 COLLAPSE_MAJORITY = 0.9
-CHANCE_FACTOR = 1.5
+CHANCE_FACTOR = 1.2
 
 
 def classify_run(

@@ -85,11 +85,17 @@ def mixup(x: Tensor, y: Tensor, alpha: float, num_classes: int, rng: np.random.G
 def check_names(config: TrainConfig) -> None:
     """Unknown dataset, model or augmentation names, listing the valid ones, before any work."""
     from samkit.data import AUGMENTATIONS, DATASETS
-    from samkit.models import MODELS
+    from samkit.models import MODELS, build_model
 
-    for option, value, valid in (("data", config.data, DATASETS), ("model", config.model, MODELS)):
-        if value not in valid:
-            raise ValueError(f"unknown {option} {value!r}; valid: {', '.join(valid)}")
+    if config.data not in DATASETS:
+        raise ValueError(f"unknown data {config.data!r}; valid: {', '.join(DATASETS)}")
+    if config.model not in MODELS:
+        try:  # the registry also parses sized names beyond its list, e.g. wrn-10-1 or resnet8
+            build_model(config.model, in_channels=1, num_classes=2, image_size=8)
+        except ValueError:
+            raise ValueError(
+                f"unknown model {config.model!r}; valid: {', '.join(MODELS)} (and wrn-D-W[-nobn], resnetD)"
+            ) from None
     if config.augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augment {config.augment!r}; valid: {', '.join(AUGMENTATIONS)}")
 

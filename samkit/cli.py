@@ -1,0 +1,276 @@
+"""The ``samkit`` command: parses arguments and calls samkit.experiments, nothing more.
+
+    samkit train     --data NAME --model NAME --optimizer sgd|adam|sam|asam|msam --epochs N --out DIR [...]
+    samkit compare   [--optimizers sgd,sam,msam --seeds 3 --rho 0.01,0.05 ...]   (no options: the README's job)
+    samkit evaluate  RUN [--corruptions]
+    samkit sharpness RUN
+    samkit landscape RUN
+
+Data-parallel: ``torchrun --nproc_per_node N -m samkit train ...``. Exit codes: 0 done, 2 bad input
+(the message names the value and the fix), 130 interrupted (the checkpoint is valid: rerun with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from samkit.experiments.config import AMP_DTYPES, BASE_OPTIMIZERS, OPTIMIZERS, SCHEDULES, TrainConfig
+from samkit.experiments.distributed import DEVICES
+
+# TrainConfig fields set by the shared training options, with the type each value is parsed to
+_FIELDS: dict[str, Callable[[str], Any]] = {
+    "data": str,
+    "model": str,
+    "epochs": int,
+    "momentum": float,
+    "weight_decay": float,
+    "batch_size": int,
+    "schedule": str,
+    "micro_batches": int,
+    "base_optimizer": str,
+    "label_smoothing": float,
+    "mixup": float,
+    "label_noise": float,
+    "augment": str,
+    "subset": int,
+    "val_fraction": float,
+    "data_seed": int,
+    "data_dir": str,
+    "max_grad_norm": float,
+    "amp": str,
+    "track_hessian": int,
+}
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas (e.g. 0.01,0.05), got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    """``3`` means seeds 0, 1, 2; ``4,7`` means exactly those."""
+    try:
+        if "," in text:
+            return [int(part) for part in text.split(",") if part.strip()]
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count (3) or a list of seeds (0,1,2), got {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"the number of seeds must be >= 1, got {count}")
+    return list(range(count))
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training options (defaults: see `samkit train --help`)")
+    group.add_argument("--data", help="dataset: digits, fashion-mnist, synthetic")
+    group.add_argument("--model", help="model: mlp, cnn, cnn-bn, wrn-D-W[-nobn], resnetD")
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--lr", type=_float_list, help="learning rate (compare: a list, chosen on validation)")
+    group.add_argument("--rho", type=_float_list, help="SAM radius (compare: a list, chosen on validation)")
+    group.add_argument("--momentum", type=float)
+    group.add_argument("--weight-decay", type=float)
+    group.add_argument("--batch-size", type=int, help="the global batch (split over torchrun processes)")
+    group.add_argument("--schedule", choices=SCHEDULES)
+    group.add_argument("--micro-batches", type=int, help="mSAM: the NUMBER of micro-batches K per batch")
+    group.add_argument("--base-optimizer", choices=BASE_OPTIMIZERS, help="the step SAM wraps (default sgd)")
+    group.add_argument("--label-smoothing", type=float)
+    group.add_argument("--mixup", type=float, metavar="ALPHA")
+    group.add_argument("--label-noise", type=float, metavar="RATE", help="flip this fraction of training labels")
+    group.add_argument("--augment", help="none, basic, cutout")
+    group.add_argument("--subset", type=int, metavar="N", help="train on N examples of the training set")
+    group.add_argument("--val-fraction", type=float, help="hold out this fraction of training data")
+    group.add_argument("--data-seed", type=int, help="seed of the split and the label noise (default 0)")
+    group.add_argument("--data-dir", help="where to look for dataset files (fashion-mnist)")
+    group.add_argument("--max-grad-norm", type=float, help="clip the step's gradient to this global norm")
+    group.add_argument("--amp", choices=tuple(AMP_DTYPES), help="mixed precision: bf16, or fp16 with loss scaling")
+    group.add_argument("--track-hessian", type=int, metavar="N", help="record lambda_max every N epochs")
+    group.add_argument("--device", choices=DEVICES, default="auto")
+    group.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    group.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+
+def _given_fields(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in _FIELDS if getattr(args, name, None) is not None}
+
+
+def _single(values: Optional[list[float]], option: str) -> Optional[float]:
+    if values is None:
+        return None
+    if len(values) > 1:
+        raise ValueError(f"{option} takes one value in `samkit train`, got {values}; use `samkit compare` for a grid")
+    return values[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samkit", description="Sharpness-aware training: train, compare, measure.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train one model and write DIR/{config,summary}.json, metrics, plots")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", required=True, type=Path, metavar="DIR")
+    train.add_argument("--resume", action="store_true", help="continue the run in DIR from its checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace the run in DIR")
+    train.add_argument("--init-from", metavar="RUN", help="start from a saved run's weights (new head if needed)")
+    train.add_argument("--bootstrap-from", metavar="RUN", help="train on the labels RUN predicts (bootstrap)")
+    _add_training_options(train)
+
+    compare = commands.add_parser("compare", help="a grid of optimizers x seeds (x lr x rho): report.md with CIs")
+    compare.add_argument("--optimizers", type=_name_list, help="comma-separated (default sgd,sam,msam)")
+    compare.add_argument("--seeds", type=_seeds, default=None, help="a count (3) or a list (0,1,2); default 3")
+    compare.add_argument("--out", type=Path, default=Path("runs/compare"), metavar="DIR")
+    compare.add_argument("--overwrite", action="store_true", help="retrain every run instead of reusing them")
+    _add_training_options(compare)
+
+    evaluate = commands.add_parser("evaluate", help="test accuracy of a saved run, clean and under corruptions")
+    evaluate.add_argument("run", metavar="RUN")
+    evaluate.add_argument(
+        "--corruptions",
+        nargs="?",
+        const="all",
+        type=_name_list,
+        help="all five (no value) or a comma-separated subset",
+    )
+    evaluate.add_argument("--severities", type=lambda t: [int(s) for s in _name_list(t)], default=[1, 2, 3, 4, 5])
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--device", choices=DEVICES, default="cpu")
+
+    for name, text in (("sharpness", "Hessian eigenvalues, trace and m-sharpness"), ("landscape", "2-D loss plot")):
+        sub = commands.add_parser(name, help=f"{text} of a saved run's model")
+        sub.add_argument("run", metavar="RUN")
+        sub.add_argument("--examples", type=int, default=1000, help="training examples to measure on")
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--device", choices=DEVICES, default="cpu")
+        if name == "sharpness":
+            sub.add_argument("--k", type=int, default=5, help="how many top eigenvalues")
+        else:
+            sub.add_argument("--steps", type=int, default=21)
+            sub.add_argument("--span", type=float, default=1.0)
+    return parser
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from samkit.experiments.trainer import train
+
+    config = TrainConfig(
+        optimizer=args.optimizer,
+        seed=args.seed,
+        lr=_single(args.lr, "--lr"),
+        rho=_single(args.rho, "--rho"),
+        init_from=args.init_from,
+        bootstrap_from=args.bootstrap_from,
+        **_given_fields(args),
+    )
+    summary = train(
+        config, args.out, device=args.device, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet
+    )
+    if not args.quiet:
+        print(f"summary: {args.out / 'summary.json'}")
+    return 0 if summary["status"] == "ok" else 1
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from samkit.experiments.compare import DEFAULT_BASE, DEFAULT_OPTIMIZERS, DEFAULT_SEEDS, compare
+
+    base = DEFAULT_BASE.replace(**_given_fields(args))
+    result = compare(
+        base,
+        args.out,
+        optimizers=args.optimizers or DEFAULT_OPTIMIZERS,
+        seeds=args.seeds or DEFAULT_SEEDS,
+        lrs=args.lr,
+        rhos=args.rho,
+        device=args.device,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
+    print()
+    print(result.table)
+    print()
+    print(f"report: {result.report_path}")
+    print(f"results: {result.csv_path}")
+    for path in result.plot_paths:
+        print(f"plot: {path}")
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from samkit.experiments.evaluate import evaluate_run, format_evaluation
+
+    corruptions = args.corruptions
+    if corruptions == ["all"]:
+        from samkit.data import CORRUPTIONS
+
+        corruptions = list(CORRUPTIONS)
+    result = evaluate_run(
+        args.run, corruptions=corruptions, severities=args.severities, seed=args.seed, device=args.device
+    )
+    print(format_evaluation(result))
+    return 0
+
+
+def _run_sharpness(args: argparse.Namespace) -> int:
+    from samkit.experiments.flatness import run_sharpness
+
+    report = run_sharpness(args.run, examples=args.examples, k=args.k, seed=args.seed, device=args.device)
+    for key, value in report.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _run_landscape(args: argparse.Namespace) -> int:
+    from samkit.experiments.flatness import run_landscape
+
+    path = run_landscape(
+        args.run, examples=args.examples, steps=args.steps, span=args.span, seed=args.seed, device=args.device
+    )
+    print(f"landscape: {path}")
+    return 0
+
+
+COMMANDS = {
+    "train": _run_train,
+    "compare": _run_compare,
+    "evaluate": _run_evaluate,
+    "sharpness": _run_sharpness,
+    "landscape": _run_landscape,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from samkit.experiments.trainer import TrainingInterrupted
+
+    try:
+        return COMMANDS[args.command](args)
+    except TrainingInterrupted as interrupted:
+        print(f"samkit: {interrupted}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("samkit: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as error:
+        print(f"samkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Turn a grid of finished runs into the paper-style table: test error mean ± 95 % CI, and the gain over SGD.
+
+    per optimizer, over the seeds of its selected (lr, rho):
+        ok runs        -> test error mean ± t_{0.975, n-1} s / sqrt(n)            (stats.mean_ci)
+        Δ vs baseline  -> mean ± CI of the per-seed differences (paired: same seed = same init and data order)
+        diverged / collapsed runs are left out of both and listed under "Excluded runs"
+    selection (when a grid has several lr / rho): the value with the best mean validation accuracy over its
+    ok seeds, as the SAM paper tuned rho on a held-out 10 % of the training set.
+
+Rows are plain dicts (one per run) with at least: optimizer, lr, rho, seed, status, status_reason,
+test_error, val_accuracy, run (a label), so the table can be rebuilt from results.csv alone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+from samkit.experiments.stats import MeanCI, mean_ci
+from samkit.experiments.status import OK
+
+Row = dict[str, Any]
+Setting = tuple[Optional[float], Optional[float]]  # (lr, rho)
+
+DISPLAY = {"sgd": "SGD", "adam": "Adam", "sam": "SAM", "asam": "ASAM", "msam": "mSAM"}
+
+
+def setting_of(row: Row) -> Setting:
+    return (row["lr"], row["rho"])
+
+
+def _ok(rows: Sequence[Row]) -> list[Row]:
+    return [row for row in rows if row["status"] == OK]
+
+
+def _mean_val_accuracy(rows: Sequence[Row], setting: Setting) -> float:
+    values = [r["val_accuracy"] for r in _ok(rows) if setting_of(r) == setting and r.get("val_accuracy") is not None]
+    return sum(values) / len(values) if values else -math.inf
+
+
+def select_settings(rows: Sequence[Row]) -> dict[str, Setting]:
+    """Per optimizer, the (lr, rho) with the best mean validation accuracy over its ok runs.
+
+    With a single setting it is chosen whatever happened. A setting with no ok run is never chosen over one
+    with ok runs; missing validation accuracy (no val split) only works for single settings.
+    """
+    chosen: dict[str, Setting] = {}
+    for optimizer in dict.fromkeys(row["optimizer"] for row in rows):
+        mine = [row for row in rows if row["optimizer"] == optimizer]
+        settings = list(dict.fromkeys(setting_of(row) for row in mine))
+        if len(settings) == 1:
+            chosen[optimizer] = settings[0]
+            continue
+
+        scores = {setting: _mean_val_accuracy(mine, setting) for setting in settings}
+        best = max(settings, key=scores.__getitem__)  # max keeps the first of equals: the grid order decides ties
+        if scores[best] == -math.inf and any(r.get("val_accuracy") is None for r in mine):
+            raise ValueError(
+                f"{optimizer} has {len(settings)} lr/rho settings but no validation accuracy to choose between "
+                "them: set a validation split (--val-fraction 0.1)"
+            )
+        chosen[optimizer] = best
+    return chosen
+
+
+def selected_rows(rows: Sequence[Row], chosen: dict[str, Setting]) -> dict[str, list[Row]]:
+    return {opt: [r for r in rows if r["optimizer"] == opt and setting_of(r) == s] for opt, s in chosen.items()}
+
+
+def paired_difference(rows: Sequence[Row], baseline: Sequence[Row]) -> MeanCI:
+    """Mean ± CI of (error - baseline error) over the seeds where both runs are ok."""
+    base = {r["seed"]: r["test_error"] for r in _ok(baseline)}
+    return mean_ci([r["test_error"] - base[r["seed"]] for r in _ok(rows) if r["seed"] in base])
+
+
+def summary_table(rows: Sequence[Row], *, baseline: Optional[str] = None) -> list[Row]:
+    """One line per optimizer: label, error (MeanCI), delta (MeanCI or None), ok/total counts, lr, rho."""
+    chosen = select_settings(rows)
+    groups = selected_rows(rows, chosen)
+    if baseline is None:
+        baseline = "sgd" if "sgd" in groups else next(iter(groups), None)
+    table = []
+    for optimizer, mine in groups.items():
+        ok = _ok(mine)
+        table.append(
+            {
+                "optimizer": optimizer,
+                "label": DISPLAY.get(optimizer, optimizer),
+                "error": mean_ci([r["test_error"] for r in ok]),
+                "delta": None if optimizer == baseline else paired_difference(mine, groups[baseline]),
+                "ok": len(ok),
+                "total": len(mine),
+                "lr": chosen[optimizer][0],
+                "rho": chosen[optimizer][1],
+                "micro_batches": mine[0].get("micro_batches"),
+            }
+        )
+    return table
+
+
+def _number(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:g}"
+
+
+def render_markdown(rows: Sequence[Row], *, title: str, setting: str, plots: Sequence[str] = ()) -> str:
+    """The whole report.md (see the module doc)."""
+    table = summary_table(rows)
+    baseline = next((line["label"] for line in table if line["delta"] is None), "the first optimizer")
+    lines = [f"# {title}", "", setting, ""]
+    lines += [
+        f"| Optimizer | Test error (%) | Δ vs {baseline} (pp) | ok runs | lr | ρ | micro-batches |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for line in table:
+        error = line["error"].format(scale=100) if line["ok"] else "all runs failed"
+        delta = "—" if line["delta"] is None else line["delta"].format(scale=100)
+        if line["delta"] is not None and line["delta"].n:
+            delta = ("+" if line["delta"].mean > 0 else "") + delta
+        lines.append(
+            f"| {line['label']} | {error} | {delta} | {line['ok']}/{line['total']} | {_number(line['lr'])} "
+            f"| {_number(line['rho'])} | {line['micro_batches'] or 1} |"
+        )
+    lines += [
+        "",
+        "Test error: mean ± 95 % confidence interval over seeds (Student t, n − 1 degrees of freedom). "
+        f"Δ: per-seed difference to {baseline} (same seed = same initialisation and data order), mean ± 95 % CI; "
+        "negative is better.",
+    ]
+    failed = [r for r in rows if r["status"] != OK]
+    if failed:
+        lines += ["", "## Excluded runs", "", "Diverged or collapsed runs are not averaged in:", ""]
+        lines += ["| run | status | why |", "|---|---|---|"]
+        lines += [f"| {r['run']} | {r['status']} | {r['status_reason']} |" for r in failed]
+    lines += _grid_section(rows)
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _grid_section(rows: Sequence[Row]) -> list[str]:
+    chosen = select_settings(rows)
+    multi = [opt for opt in chosen if len({setting_of(r) for r in rows if r["optimizer"] == opt}) > 1]
+    if not multi:
+        return []
+    lines = ["", "## Selection on the validation split", ""]
+    lines += [
+        "| Optimizer | lr | ρ | val accuracy (%) | test error (%) | ok runs | selected |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for optimizer in multi:
+        for setting in dict.fromkeys(setting_of(r) for r in rows if r["optimizer"] == optimizer):
+            mine = [r for r in rows if r["optimizer"] == optimizer and setting_of(r) == setting]
+            ok = _ok(mine)
+            val = mean_ci([r["val_accuracy"] for r in ok if r.get("val_accuracy") is not None])
+            test = mean_ci([r["test_error"] for r in ok])
+            lines.append(
+                f"| {DISPLAY.get(optimizer, optimizer)} | {_number(setting[0])} | {_number(setting[1])} | "
+                f"{val.format(scale=100)} | {test.format(scale=100)} | {len(ok)}/{len(mine)} | "
+                f"{'yes' if chosen[optimizer] == setting else ''} |"
+            )
+    return lines
+
+
+def console_table(rows: Sequence[Row]) -> str:
+    """The summary table as aligned plain text, for the terminal."""
+    table = summary_table(rows)
+    header = ("optimizer", "test error (%)", "Δ (pp)", "ok", "lr", "rho")
+    body = [
+        (
+            line["label"],
+            line["error"].format(scale=100) if line["ok"] else "all failed",
+            "—" if line["delta"] is None else line["delta"].format(scale=100),
+            f"{line['ok']}/{line['total']}",
+            _number(line["lr"]),
+            _number(line["rho"]),
+        )
+        for line in table
+    ]
+    widths = [max(len(str(cells[i])) for cells in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body])
