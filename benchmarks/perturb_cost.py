@@ -1,0 +1,93 @@
+"""The ascent and the restore alone: samkit's foreach path against an optimizer step and a per-tensor loop.
+
+Two rows, both timed interleaved (``benchmarks.timing``) on parameters whose ``.grad`` is already set::
+
+    perturb_over_sgd_step:   t(SAM.first_step(); SAM.restore()) / t(SGD(momentum).step())
+                             on a WRN-16-4's parameters (2.7M in 44 tensors)             target <= 1.5
+    loop_over_foreach_small: t(per-tensor reference first_step + restore) / t(samkit's)
+                             on 800 small tensors (biases and 3x3 kernels)               target >= 1.5
+
+An SGD(momentum) step reads the gradient, the momentum buffer and the weights and writes two of them, so it
+is the natural unit: the ascent does comparable work (a norm, a save, an add, a copy back). The reference
+loop is ``benchmarks.reference_sam`` (the most used public implementation's style).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.reference_sam import LoopSAMPerturbation
+from benchmarks.timing import check_count, interleaved, median_ratio, medians
+from benchmarks.workloads import small_parameters, wide_parameters
+from samkit import SAM
+
+LR, MOMENTUM, RHO = 0.01, 0.9, 0.05
+
+
+def perturb_over_sgd_step(*, width: int = 4, repeats: int = 31, warmup: int = 3, device: str = "cpu") -> dict:
+    """Row ``perturb_over_sgd_step``: {"value": ratio, "details": {...}}."""
+    params = wide_parameters(width=width, device=device)
+    sgd = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+    sam = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM)
+    sgd.step()  # creates the momentum buffers: later steps are the steady state
+
+    def ascent_and_restore() -> None:
+        sam.first_step()
+        sam.restore()
+
+    variants = {"sgd_step": sgd.step, "first_step_restore": ascent_and_restore}
+    times = interleaved(variants, repeats=repeats, warmup=warmup)
+    return {
+        "value": median_ratio(times, "first_step_restore", "sgd_step"),
+        "details": {
+            "parameters": sum(p.numel() for p in params),
+            "tensors": len(params),
+            "sgd_implementation": _sgd_implementation(sgd),
+            "repeats": repeats,
+            "median_seconds": medians(times),
+            "ratio_of_minimums": min(times["first_step_restore"]) / min(times["sgd_step"]),
+        },
+    }
+
+
+def loop_over_foreach_small(*, count: int = 800, repeats: int = 31, warmup: int = 3, device: str = "cpu") -> dict:
+    """Row ``loop_over_foreach_small``: {"value": ratio, "details": {...}} (also samkit's own loop path)."""
+    check_count("count", count, minimum=1)
+    params = small_parameters(count, device=device)
+    reference = LoopSAMPerturbation(params, rho=RHO)
+    sam = SAM(params, torch.optim.SGD, rho=RHO, lr=LR)
+    sam_loop = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, foreach=False)
+
+    def run(optimizer) -> None:
+        optimizer.first_step()
+        optimizer.restore()
+
+    times = interleaved(
+        {"reference_loop": lambda: run(reference), "samkit": lambda: run(sam), "samkit_loop": lambda: run(sam_loop)},
+        repeats=repeats,
+        warmup=warmup,
+    )
+    return {
+        "value": median_ratio(times, "reference_loop", "samkit"),
+        "details": {
+            "tensors": count,
+            "parameters": sum(p.numel() for p in params),
+            "repeats": repeats,
+            "median_seconds": medians(times),
+            "samkit_loop_over_samkit": median_ratio(times, "samkit_loop", "samkit"),
+            "ratio_of_minimums": min(times["reference_loop"]) / min(times["samkit"]),
+        },
+    }
+
+
+def _sgd_implementation(optimizer: torch.optim.SGD) -> str:
+    """Which torch SGD path runs: an explicit choice, or torch's default for this device (per-tensor on CPU)."""
+    group = optimizer.param_groups[0]
+    if group.get("fused"):
+        return "fused"
+    if group.get("foreach") is not None:
+        return "foreach" if group["foreach"] else "for-loop"
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    _, foreach = _default_to_fused_or_foreach(group["params"], differentiable=False, use_fused=False)
+    return "foreach (torch default here)" if foreach else "for-loop (torch default here)"
