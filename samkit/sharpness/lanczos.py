@@ -72,7 +72,8 @@ class LanczosProcess:
         self.matvec = matvec
         self.n = start.numel()
         self.capacity = min(max_steps, self.n)
-        self.basis = start.new_zeros(self.capacity, self.n)
+        # The basis grows by doubling: a run that converges early never holds max_steps vectors of length n.
+        self.basis = start.new_zeros(min(self.capacity, 16), self.n)
         self.basis[0] = start / norm
         self.generator = generator
         self.alphas: list[float] = []
@@ -85,6 +86,13 @@ class LanczosProcess:
     @property
     def steps(self) -> int:
         return len(self.alphas)
+
+    def _set_row(self, row: int, vector: Tensor) -> None:
+        if row >= self.basis.shape[0]:
+            grown = self.basis.new_zeros(min(self.capacity, 2 * self.basis.shape[0]), self.n)
+            grown[: self.basis.shape[0]] = self.basis
+            self.basis = grown
+        self.basis[row] = vector
 
     def _orthogonalize(self, w: Tensor, rows: int) -> Tensor:
         basis = self.basis[:rows]
@@ -122,9 +130,9 @@ class LanczosProcess:
                 return
             w = self._orthogonalize(gaussian(self.n, self.generator, dtype=w.dtype, device=w.device), j + 1)
             beta = 0.0
-            self.basis[j + 1] = w / torch.linalg.vector_norm(w)
+            self._set_row(j + 1, w / torch.linalg.vector_norm(w))
         else:
-            self.basis[j + 1] = w / beta
+            self._set_row(j + 1, w / beta)
         self.off_diagonal.append(beta)
 
     def tridiagonal(self) -> Tensor:

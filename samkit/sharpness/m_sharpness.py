@@ -50,8 +50,8 @@ KINDS = ("worst", "average")
 class _MicroBatchLoss:
     """L_{B_j} at any weights w0 + ε, with the micro-batch's RNG fixed before each forward pass."""
 
-    def __init__(self, op: HessianOperator, inputs: Tensor, targets: Tensor, index: int, w0: Tensor):
-        self.op, self.inputs, self.targets, self.index, self.w0 = op, inputs, targets, index, w0
+    def __init__(self, op: HessianOperator, inputs: Tensor, targets: Tensor, index: int, w0: Tensor, rho: float):
+        self.op, self.inputs, self.targets, self.index, self.w0, self.rho = op, inputs, targets, index, w0, rho
         self.forwards = 0
         self.backwards = 0
 
@@ -60,15 +60,19 @@ class _MicroBatchLoss:
         self.forwards += 1
         return self.op.batch_loss(self.index, self.inputs, self.targets)
 
+    def _checked(self, loss: Tensor, perturbation: Tensor | None) -> float:
+        where = "at the model's weights" if perturbation is None else f"at a point of the rho={self.rho} ball"
+        return check_finite(loss.item(), where=f"on micro-batch {self.index} {where}")
+
     @torch.no_grad()
     def value(self, perturbation: Tensor | None) -> float:
-        return self._loss(perturbation).item()
+        return self._checked(self._loss(perturbation), perturbation)
 
     def value_and_gradient(self, perturbation: Tensor | None) -> tuple[float, Tensor]:
         with torch.enable_grad():
             loss = self._loss(perturbation)
             self.backwards += 1
-            return loss.item(), flatten(gradient(loss, self.op.params))
+            return self._checked(loss, perturbation), flatten(gradient(loss, self.op.params))
 
 
 def _worst(batch: _MicroBatchLoss, scale: Tensor | None, rho: float, steps: int) -> tuple[float, float]:
@@ -77,7 +81,7 @@ def _worst(batch: _MicroBatchLoss, scale: Tensor | None, rho: float, steps: int)
     for _ in range(steps):
         value, grad = batch.value_and_gradient(None if base is None else delta if scale is None else scale * delta)
         if base is None:
-            base = check_finite(value, where=f"on micro-batch {batch.index} at the model's weights")
+            base = value
         best = max(best, value - base)
         if scale is not None:
             grad = scale * grad
@@ -91,7 +95,7 @@ def _worst(batch: _MicroBatchLoss, scale: Tensor | None, rho: float, steps: int)
 
 
 def _average(batch: _MicroBatchLoss, scale: Tensor | None, rho: float, samples: int, generator) -> tuple[float, float]:
-    base = check_finite(batch.value(None), where=f"on micro-batch {batch.index} at the model's weights")
+    base = batch.value(None)
     total = 0.0
     for _ in range(samples):
         eps = rho * unit_gaussian(batch.w0.numel(), generator, dtype=batch.w0.dtype, device=batch.w0.device)
@@ -164,12 +168,11 @@ def m_sharpness(
             micro_batches = split_micro_batches(inputs, targets, micro_batch_size)
             left_out += size - len(micro_batches) * micro_batch_size
             for micro_inputs, micro_targets in micro_batches:
-                batch = _MicroBatchLoss(op, micro_inputs, micro_targets, len(values), w0)
+                batch = _MicroBatchLoss(op, micro_inputs, micro_targets, len(values), w0, rho)
                 if kind == "worst":
                     base, value = _worst(batch, scale, rho, steps)
                 else:
                     base, value = _average(batch, scale, rho, samples, generator)
-                check_finite(value, where=f"within the rho={rho} ball of micro-batch {len(values)}")
                 values.append(value)
                 losses.append(base)
                 forwards += batch.forwards

@@ -60,10 +60,9 @@ def power_eigenpairs(
             for value, u in zip(values, vectors):
                 w -= (value - shift) * torch.dot(u, v) * u
             theta = torch.dot(v, w).item()
-            residual_t = torch.linalg.vector_norm(w - theta * v)
-            residual = residual_t.item()
+            residual = torch.linalg.vector_norm(w - theta * v).item()
             scale = max([abs(theta + shift), abs(shift)] + [abs(x) for x in values])
-            if relative_tolerance_met(residual_t, torch.tensor(theta + shift), scale, tol, dtype):
+            if relative_tolerance_met(torch.tensor(residual), torch.tensor(theta + shift), scale, tol, dtype):
                 converged = True
                 break
             norm = torch.linalg.vector_norm(w)

@@ -129,3 +129,17 @@ def test_mixed_dtypes(model):
     model[0].float()
     with pytest.raises(ValueError, match=r"mixed dtypes \['torch.float32', 'torch.float64'\]"):
         hessian_trace(model, loss_fn, tiny_data())
+
+
+@pytest.mark.parametrize("kind", ["worst", "average"])
+def test_non_finite_loss_inside_the_ball_is_not_swallowed(model, kind):
+    # max(best, nan) would silently drop a NaN: the measurement must fail instead.
+    calls = {"count": 0}
+
+    def nan_after_first(out, y):
+        calls["count"] += 1
+        loss = loss_fn(out, y)
+        return loss if calls["count"] == 1 else loss * float("nan")
+
+    with pytest.raises(ValueError, match=r"not finite \(nan\) on micro-batch 0 at a point of the rho=0.05 ball"):
+        m_sharpness(model, nan_after_first, tiny_data(), micro_batch_size=24, kind=kind)
