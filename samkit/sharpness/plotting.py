@@ -53,28 +53,34 @@ def _axis_label(landscape, which: int) -> str:
 
 
 def _mark_minimum(ax, landscape, losses: np.ndarray, coords: np.ndarray) -> None:
-    center = landscape.center
+    """A red star at the trained weights (the center) and an x at the lowest grid point when it lies elsewhere."""
+
+    def position(index: tuple) -> tuple[list, list]:
+        if landscape.dims == 2:
+            return [coords[index[0]]], [coords[index[1]]]
+        return [coords[index[0]]], [losses[index]]
+
+    center = (landscape.center,) * landscape.dims
+    lowest = tuple(
+        int(i) for i in np.unravel_index(np.argmin(np.where(np.isfinite(losses), losses, np.inf)), losses.shape)
+    )
     ax.plot(
-        [0.0],
-        [0.0],
+        *position(center),
         marker="*",
         color="red",
         markersize=14,
         linestyle="none",
-        label=f"trained weights, L = {landscape.center_loss:.4g}",
+        label=f"model weights w, L(w) = {landscape.center_loss:.4g}",
     )
-    finite = np.where(np.isfinite(losses), losses, np.inf)
-    i, j = np.unravel_index(np.argmin(finite), finite.shape)
-    if (i, j) != (center, center):
+    if lowest != center:
         ax.plot(
-            [coords[i]],
-            [coords[j]],
+            *position(lowest),
             marker="x",
-            color="white",
+            color="white" if landscape.dims == 2 else "black",
             markeredgewidth=2,
             markersize=10,
             linestyle="none",
-            label=f"lowest grid point, L = {losses[i, j]:.4g}",
+            label=f"lowest grid point, L = {losses[lowest]:.4g}",
         )
     ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
 
@@ -133,33 +139,12 @@ def _plot_1d(figure: Figure, landscapes, titles) -> None:
         ax = figure.add_subplot(1, count, column + 1, sharey=first)
         first = first or ax
         ax.plot(coords, losses, color="tab:blue", linewidth=1.8)
-        ax.plot(
-            [0.0],
-            [land.center_loss],
-            marker="*",
-            color="red",
-            markersize=14,
-            linestyle="none",
-            label=f"trained weights, L = {land.center_loss:.4g}",
-        )
-        finite = np.where(np.isfinite(losses), losses, np.inf)
-        i = int(np.argmin(finite))
-        if i != land.center:
-            ax.plot(
-                [coords[i]],
-                [losses[i]],
-                marker="x",
-                color="black",
-                markersize=10,
-                linestyle="none",
-                label=f"lowest grid point, L = {losses[i]:.4g}",
-            )
+        _mark_minimum(ax, land, losses, coords)
         ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
         ax.set_xlabel(_axis_label(land, 1))
         ax.set_ylabel("loss")
         ax.set_title(title or "loss along one direction")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
 
 
 def plot_landscapes(
