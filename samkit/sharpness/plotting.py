@@ -6,7 +6,7 @@ caller's process) and are written atomically: a temporary file in the target fol
     2-D landscape:  per model one column: filled contour (log color scale when every loss is > 0)
                     above a 3-D surface; all columns share levels and z-limits
     1-D landscape:  per model one column: loss against the step along the direction; shared y-axis
-    marks:          the trained weights (center, red star, with L(w)) and the lowest grid point (white x)
+    marks:          the model weights w (center, red star, with L(w)) and the lowest grid point (white x)
     spectrum:       the Gaussian-broadened SLQ density on a log axis
 """
 
@@ -53,7 +53,7 @@ def _axis_label(landscape, which: int) -> str:
 
 
 def _mark_minimum(ax, landscape, losses: np.ndarray, coords: np.ndarray) -> None:
-    """A red star at the trained weights (the center) and an x at the lowest grid point when it lies elsewhere."""
+    """A red star at the weights w (the center) and an x at the lowest grid point when it lies elsewhere."""
 
     def position(index: tuple) -> tuple[list, list]:
         if landscape.dims == 2:
@@ -119,7 +119,7 @@ def _plot_2d(figure: Figure, landscapes, titles) -> None:
         surface = figure.add_subplot(2, count, count + column + 1, projection="3d")
         surface.plot_surface(x, y, shown, cmap="viridis", norm=norm, linewidth=0, antialiased=True, alpha=0.9)
         surface.scatter(
-            [0.0], [0.0], [land.center_loss], color="red", marker="*", s=120, depthshade=False, label="trained weights"
+            [0.0], [0.0], [land.center_loss], color="red", marker="*", s=120, depthshade=False, label="model weights w"
         )
         surface.set_zlim(low, high)
         surface.set_xlabel("direction 1")
