@@ -45,7 +45,7 @@ from samkit.experiments.schedule import set_learning_rate
 from samkit.experiments.status import DIVERGED, classify_run
 from samkit.experiments.steps import make_scaler, train_step
 
-TRAIN_EVAL_EXAMPLES = 5000
+TRAIN_EVAL_EXAMPLES = 2000
 ORDER_STREAM, AUGMENT_STREAM, MIXUP_STREAM = 0, 1, 2
 
 

@@ -8,7 +8,10 @@ def test_non_finite_losses_mean_diverged():
         train_losses=[1.0, float("nan")], test_loss=2.0, test_accuracy=0.5, prediction_counts=[5, 5]
     )
     assert (status, reason) == (DIVERGED, "non-finite loss (nan)")
-    assert classify_run(train_losses=[1.0], test_loss=float("inf"), test_accuracy=0.5, prediction_counts=[5, 5])[0] == DIVERGED
+    assert (
+        classify_run(train_losses=[1.0], test_loss=float("inf"), test_accuracy=0.5, prediction_counts=[5, 5])[0]
+        == DIVERGED
+    )
 
 
 def test_a_constant_prediction_is_collapsed_even_with_majority_accuracy():
@@ -19,7 +22,9 @@ def test_a_constant_prediction_is_collapsed_even_with_majority_accuracy():
 
 
 def test_chance_accuracy_is_collapsed_and_a_learning_run_is_ok():
-    assert classify_run(train_losses=[2.3], test_loss=2.3, test_accuracy=0.11, prediction_counts=[1] * 10)[0] == COLLAPSED
+    assert (
+        classify_run(train_losses=[2.3], test_loss=2.3, test_accuracy=0.11, prediction_counts=[1] * 10)[0] == COLLAPSED
+    )
     assert classify_run(train_losses=[0.3], test_loss=0.4, test_accuracy=0.9, prediction_counts=[3, 3, 4])[0] == OK
 
 

@@ -7,7 +7,6 @@ import torch
 
 from samkit.experiments import trainer as trainer_module
 from samkit.experiments.checkpoint import load_checkpoint
-from samkit.experiments.config import TrainConfig
 from samkit.experiments.rundir import RunDirError
 from samkit.experiments.trainer import TrainingInterrupted, train
 
@@ -35,7 +34,16 @@ def test_a_run_writes_every_promised_file(finished_run):
     assert [row["epoch"] for row in lines] == [1, 2]
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"):
         assert all(key in row for row in lines), key
-    required = ("test_accuracy", "test_loss", "train_loss", "epochs", "optimizer", "seed", "label_noise", "wall_seconds")
+    required = (
+        "test_accuracy",
+        "test_loss",
+        "train_loss",
+        "epochs",
+        "optimizer",
+        "seed",
+        "label_noise",
+        "wall_seconds",
+    )
     assert all(key in summary for key in required)
     assert summary["status"] == "ok" and summary["test_accuracy"] > 0.5
     assert json.loads((out / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]

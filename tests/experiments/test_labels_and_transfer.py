@@ -1,0 +1,54 @@
+"""Bootstrap (retrain on a run's predicted labels), init-from with a new head, label noise in a run."""
+
+import pytest
+import torch
+
+from samkit.data import load_dataset
+from samkit.experiments.checkpoint import load_checkpoint
+from samkit.experiments.runs import open_run
+from samkit.experiments.trainer import train
+from samkit.experiments.transfer import load_matching_weights
+from samkit.models import build_model
+
+from .conftest import TINY
+
+
+def test_bootstrap_trains_on_the_labels_the_first_run_predicts(finished_run, tmp_path):
+    source, _ = finished_run
+    summary = train(TINY.replace(bootstrap_from=str(source), epochs=1), tmp_path / "boot", device="cpu", quiet=True)
+    dataset = load_dataset("synthetic")
+    with torch.no_grad():
+        expected = open_run(source).model()(dataset.x_train).argmax(1)
+    assert torch.equal(load_checkpoint(tmp_path / "boot")["train_labels"], expected)
+    assert summary["bootstrap_from"] == str(source) and summary["label_noise"] == 0.0
+
+
+def test_bootstrap_needs_the_same_training_images(finished_run, tmp_path):
+    source, _ = finished_run
+    with pytest.raises(ValueError, match=r"was trained on other data \(subset=None\)"):
+        train(TINY.replace(bootstrap_from=str(source), subset=128), tmp_path / "b", device="cpu", quiet=True)
+
+
+def test_label_noise_flips_the_asked_fraction_of_training_labels(tmp_path):
+    train(TINY.replace(label_noise=0.25, epochs=1), tmp_path / "noisy", device="cpu", quiet=True)
+    labels = load_checkpoint(tmp_path / "noisy")["train_labels"]
+    clean = load_dataset("synthetic").y_train
+    assert (labels != clean).sum().item() == round(0.25 * clean.numel())
+
+
+def test_init_from_copies_the_body_and_gives_a_new_head(finished_run, tmp_path):
+    source, _ = finished_run  # synthetic: 4 classes; digits: 10 classes, same 8x8 single-channel images
+    config = TINY.replace(data="digits", init_from=str(source), epochs=1, lr=1e-12, momentum=0.0, weight_decay=0.0)
+    train(config, tmp_path / "digits", device="cpu", quiet=True)
+    before, after = load_checkpoint(source)["model"], load_checkpoint(tmp_path / "digits")["model"]
+    heads = [name for name in after if after[name].shape != before[name].shape]
+    assert heads and all(after[name].shape[0] == 10 for name in heads if name.endswith("weight"))
+    for name in after:
+        if name not in heads:
+            torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-9)
+
+
+def test_init_from_refuses_another_architecture():
+    small = build_model("mlp", in_channels=1, num_classes=4, image_size=8).state_dict()
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_matching_weights(build_model("cnn", in_channels=1, num_classes=4, image_size=8), small)

@@ -1,0 +1,64 @@
+"""The samkit command: errors name the bad value and exit 2 before any training; the commands run end to end."""
+
+import json
+
+import pytest
+
+from samkit.cli import main
+
+TINY = ["--data", "synthetic", "--model", "mlp", "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *TINY, "--optimizer", "sam", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--model", "vit"], "unknown model 'vit'; valid: mlp, cnn, cnn-bn"),
+        (["--data", "cifar"], "unknown data 'cifar'; valid: digits, fashion-mnist, synthetic"),
+        (["--optimizer", "sgd", "--micro-batches", "4"], "micro_batches=4 only applies to msam"),
+        (["--optimizer", "sam", "--rho", "0.01,0.05"], "--rho takes one value in `samkit train`"),
+        (["--optimizer", "sgd", "--rho", "0.05"], "rho=0.05 only applies to sam/asam/msam"),
+        (["--label-noise", "1.5"], "label_noise must be in [0.0, 1.0), got 1.5"),
+        (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
+    ],
+)
+def test_bad_input_exits_2_with_the_value_named(tmp_path, capsys, arguments, message):
+    assert main(["train", *TINY, "--out", str(tmp_path / "x"), *arguments]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x" / "config.json").exists()
+
+
+def test_argparse_rejects_unknown_choices_listing_them(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", *TINY, "--out", str(tmp_path), "--optimizer", "lion"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'lion'" in err
+    assert all(name in err.split("choose from")[1] for name in ("sgd", "adam", "sam", "asam", "msam"))
+
+
+def test_train_writes_the_run_and_refuses_to_reuse_its_folder(run_dir, capsys):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["optimizer"] == "sam" and summary["epochs"] == 1
+    assert main(["train", *TINY, "--optimizer", "sam", "--lr", "0.01", "--out", str(run_dir)]) == 2
+    assert "already holds a run with a different config (lr: 0.1 -> 0.01" in capsys.readouterr().err
+    assert main(["train", *TINY, "--optimizer", "sam", "--out", str(run_dir), "--resume"]) == 0
+
+
+def test_evaluate_prints_the_corruption_table(run_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--corruptions", "blur,contrast", "--severities", "1,5"]) == 0
+    printed = capsys.readouterr().out
+    assert "clean test accuracy" in printed and "contrast" in printed and "sev 5" in printed
+    assert main(["evaluate", str(run_dir / "missing")]) == 2
+    assert "no run at" in capsys.readouterr().err
+
+
+def test_compare_rejects_a_grid_without_validation(tmp_path, capsys):
+    assert main(["compare", *TINY, "--optimizers", "sgd,sam", "--rho", "0.01,0.05", "--out", str(tmp_path)]) == 2
+    assert "--val-fraction 0.1" in capsys.readouterr().err
