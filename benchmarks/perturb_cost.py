@@ -10,6 +10,16 @@ Two rows, both timed interleaved (``benchmarks.timing``) on parameters whose ``.
 An SGD(momentum) step reads the gradient, the momentum buffer and the weights and writes two of them, so it
 is the natural unit: the ascent does comparable work (a norm, a save, an add, a copy back). The reference
 loop is ``benchmarks.reference_sam`` (the most used public implementation's style).
+
+Beside samkit's time, ``perturb_over_sgd_step`` times the floor of any bit-exact save/perturb/restore that
+keeps the weights in place: the five kernels it cannot do without, on buffers allocated beforehand and with
+no bookkeeping at all (no torch kernel fuses w + g * s without an FMA, which would change the rounding)::
+
+    norms = foreach_norm(g);  s = ||norms|| ...     # the global norm
+    saved <- w                                     # the save (a copy)
+    e <- g * (rho / (norm + eps))                  # ε̂ into a buffer (torch.mul(..., out=e) per tensor)
+    w += e                                         # the ascent
+    w <- saved                                     # the restore (a copy)
 """
 
 from __future__ import annotations
@@ -35,11 +45,13 @@ def perturb_over_sgd_step(*, width: int = 4, repeats: int = 31, warmup: int = 3,
         sam.first_step()
         sam.restore()
 
-    variants = {"sgd_step": sgd.step, "first_step_restore": ascent_and_restore}
+    variants = {"sgd_step": sgd.step, "first_step_restore": ascent_and_restore, "floor": _floor(params)}
     times = interleaved(variants, repeats=repeats, warmup=warmup)
     return {
         "value": median_ratio(times, "first_step_restore", "sgd_step"),
         "details": {
+            "floor_over_sgd_step": median_ratio(times, "floor", "sgd_step"),
+            "samkit_over_floor": median_ratio(times, "first_step_restore", "floor"),
             "parameters": sum(p.numel() for p in params),
             "tensors": len(params),
             "sgd_implementation": _sgd_implementation(sgd),
@@ -78,6 +90,24 @@ def loop_over_foreach_small(*, count: int = 800, repeats: int = 31, warmup: int 
             "ratio_of_minimums": min(times["reference_loop"]) / min(times["samkit"]),
         },
     }
+
+
+def _floor(params: list[torch.Tensor]):
+    weights = [p.detach() for p in params]
+    grads = [p.grad for p in params]
+    saved = [torch.empty_like(w) for w in weights]
+    epsilon = [torch.empty_like(w) for w in weights]
+
+    @torch.no_grad()
+    def run() -> None:
+        scale = RHO / (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)), 2) + 1e-12)
+        torch._foreach_copy_(saved, weights)
+        for g, e in zip(grads, epsilon):
+            torch.mul(g, scale, out=e)
+        torch._foreach_add_(weights, epsilon)
+        torch._foreach_copy_(weights, saved)
+
+    return run
 
 
 def _sgd_implementation(optimizer: torch.optim.SGD) -> str:

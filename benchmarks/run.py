@@ -53,36 +53,58 @@ ROWS = {
     "peak_memory_over_sgd_mlp": ("peak memory, SAM step / SGD step, MLP (weights dominate), batch 128", None),
 }
 
-SETTINGS = {  # (full, quick) repeats and sizes
-    "step_repeats": (21, 5),
-    "perturb_repeats": (41, 15),
-    "msam_repeats": (11, 3),
-    "vmap_repeats": (7, 2),
-    "hessian_seeds": (5, 3),
+# repeats and sizes; "quick" keeps the sizes of "full" (the rows mean the same) and repeats less
+PRESETS = {
+    "full": dict(
+        batch_size=128, warmup=2, step_repeats=21, perturb_width=4, small_tensors=800, perturb_repeats=101,
+        msam_repeats=11, vmap_repeats=7, hessian_seeds=5, hessian_examples=512, hessian_train_steps=100,
+        hessian_max_iter=2000, hessian_lanczos_max_iter=200, vmap_micro_batches=32, memory_batch_size=128,
+    ),
+    "quick": dict(
+        batch_size=128, warmup=1, step_repeats=5, perturb_width=4, small_tensors=800, perturb_repeats=41,
+        msam_repeats=3, vmap_repeats=2, hessian_seeds=3, hessian_examples=512, hessian_train_steps=100,
+        hessian_max_iter=2000, hessian_lanczos_max_iter=200, vmap_micro_batches=32, memory_batch_size=128,
+    ),
 }
 
 
-def measure(*, quick: bool, device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Every row: {key: {"value": number, "details": {...}}}."""
-    pick = {name: values[1] if quick else values[0] for name, values in SETTINGS.items()}
+def measure(settings: dict, *, device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Every row: {key: {"value": number, "details": {...}}}, with the repeats and sizes in ``settings``."""
+    missing = sorted(set(PRESETS["full"]) - set(settings))
+    if missing:
+        raise ValueError(f"settings lacks {missing}: start from a copy of PRESETS['full']")
+    s = settings
+    batch, warmup = s["batch_size"], s["warmup"]
     rows: dict[str, dict] = {}
 
-    def timed(label: str, make: Callable[[], dict]) -> dict:
+    def timed(key: str, make: Callable[[], dict]) -> dict:
         start = time.perf_counter()
         result = make()
-        log(f"  {label}: {time.perf_counter() - start:.1f} s")
+        log(f"  {key}: {time.perf_counter() - start:.1f} s")
         return result
 
     rows["sam_over_sgd_step"] = timed(
-        "sam_over_sgd_step", lambda: sam_over_sgd_step(repeats=pick["step_repeats"], device=device)
+        "sam_over_sgd_step",
+        lambda: sam_over_sgd_step(batch_size=batch, repeats=s["step_repeats"], warmup=warmup, device=device),
     )
     rows["perturb_over_sgd_step"] = timed(
-        "perturb_over_sgd_step", lambda: perturb_over_sgd_step(repeats=pick["perturb_repeats"], device=device)
+        "perturb_over_sgd_step",
+        lambda: perturb_over_sgd_step(
+            width=s["perturb_width"], repeats=s["perturb_repeats"], warmup=warmup + 1, device=device
+        ),
     )
     rows["loop_over_foreach_small"] = timed(
-        "loop_over_foreach_small", lambda: loop_over_foreach_small(repeats=pick["perturb_repeats"], device=device)
+        "loop_over_foreach_small",
+        lambda: loop_over_foreach_small(
+            count=s["small_tensors"], repeats=s["perturb_repeats"], warmup=warmup + 1, device=device
+        ),
     )
-    rows.update(timed("msam", lambda: msam_over_sam(repeats=pick["msam_repeats"], device=device)))
+    rows.update(
+        timed(
+            "msam4",
+            lambda: msam_over_sam(batch_size=batch, repeats=s["msam_repeats"], warmup=warmup, device=device),
+        )
+    )
     rows["msam4_over_sam"] = {
         "value": rows["msam4_over_sam_loop"]["value"],
         "details": {"backend": "loop (the default backend; the vmap ratio is msam4_over_sam_vmap)"},
@@ -90,15 +112,32 @@ def measure(*, quick: bool, device: str = "cpu", log: Callable[[str], None] = pr
     for model in ("cnn", "mlp"):
         rows[f"vmap_over_loop_k32_{model}"] = timed(
             f"vmap_over_loop_k32_{model}",
-            lambda model=model: vmap_over_loop(model_name=model, repeats=pick["vmap_repeats"], device=device),
+            lambda model=model: vmap_over_loop(
+                model_name=model,
+                batch_size=batch,
+                micro_batches=s["vmap_micro_batches"],
+                repeats=s["vmap_repeats"],
+                warmup=warmup,
+                device=device,
+            ),
         )
     rows["hvps_power_over_lanczos"] = timed(
-        "hvps_power_over_lanczos", lambda: hvps_power_over_lanczos(seeds=pick["hessian_seeds"])
+        "hvps_power_over_lanczos",
+        lambda: hvps_power_over_lanczos(
+            seeds=s["hessian_seeds"],
+            examples=s["hessian_examples"],
+            train_steps=s["hessian_train_steps"],
+            max_iter=s["hessian_max_iter"],
+            lanczos_max_iter=s["hessian_lanczos_max_iter"],
+        ),
     )
-    rows["peak_memory_over_sgd"] = timed("peak_memory", lambda: peak_memory_over_sgd(device=device))
-    rows["peak_memory_over_sgd_mlp"] = timed(
-        "peak_memory_mlp", lambda: peak_memory_over_sgd(model_name="mlp", device=device)
-    )
+    for key, model in (("peak_memory_over_sgd", "cnn"), ("peak_memory_over_sgd_mlp", "mlp")):
+        rows[key] = timed(
+            key,
+            lambda model=model: peak_memory_over_sgd(
+                model_name=model, batch_size=s["memory_batch_size"], device=device
+            ),
+        )
     return {key: rows[key] for key in ROWS}
 
 
@@ -174,8 +213,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.perf_counter()
     with threads(args.threads):
         print(f"samkit benchmarks ({'quick' if args.quick else 'full'}, {args.threads} thread(s), {args.device})")
-        rows = measure(quick=args.quick, device=args.device, log=lambda line: print(line, flush=True))
+        settings = PRESETS["quick" if args.quick else "full"]
+        rows = measure(settings, device=args.device, log=lambda line: print(line, flush=True))
     meta = {
+        "settings": settings,
         "command": " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "quick": args.quick,
         "torch": torch.__version__,

@@ -1,0 +1,137 @@
+"""Smoke test of the benchmarks: every row runs on tiny sizes and the JSON has the documented structure.
+
+Nothing here times anything or asserts a speed: the ratios of a one-repeat run on a busy machine mean
+nothing. What is checked: the keys, that every value is a finite positive number, that the targets and
+the met flags agree with the values, that the JSON file is written (atomically) and reads back, and the
+pieces with exact answers (the per-tensor reference's ascent and restore, the HVP-count ratio's
+definition, the byte counting of the memory row, the median of paired ratios).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from benchmarks import run
+from benchmarks.memory import tensor_bytes
+from benchmarks.reference_sam import LoopSAMPerturbation
+from benchmarks.timing import interleaved, median_ratio
+
+TINY = dict(
+    batch_size=8, warmup=0, step_repeats=1, perturb_width=1, small_tensors=6, perturb_repeats=1, msam_repeats=1,
+    vmap_repeats=1, hessian_seeds=1, hessian_examples=32, hessian_train_steps=2, hessian_max_iter=10,
+    hessian_lanczos_max_iter=5, vmap_micro_batches=4, memory_batch_size=8,
+)
+REQUIRED = (
+    "sam_over_sgd_step", "perturb_over_sgd_step", "loop_over_foreach_small", "msam4_over_sam",
+    "hvps_power_over_lanczos", "peak_memory_over_sgd",
+)
+
+
+@pytest.fixture(scope="module")
+def document(tmp_path_factory):
+    """One tiny run of the whole CLI (``--quick`` with the sizes shrunk), read back from its JSON.
+
+    Power iteration may stop at hessian_max_iter unconverged here (a RuntimeWarning): the count is still a count.
+    """
+    path = tmp_path_factory.mktemp("bench") / "out" / "bench.json"
+    quick = run.PRESETS["quick"]
+    run.PRESETS["quick"] = TINY
+    try:
+        with run.threads(1), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "hessian_eigenvalues .* stopped", RuntimeWarning)
+            assert run.main(["--quick", "--json", str(path)]) == 0
+    finally:
+        run.PRESETS["quick"] = quick
+    assert not [p for p in path.parent.iterdir() if p.name != path.name]  # no temporary file left behind
+    return json.loads(path.read_text())
+
+
+def test_every_row_is_a_finite_positive_number(document):
+    assert set(REQUIRED) <= set(run.ROWS)
+    for key in run.ROWS:
+        value = document[key]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+
+
+def test_targets_met_flags_and_details_agree_with_the_values(document):
+    for key, (_, target) in run.ROWS.items():
+        met = document["met"][key]
+        if target is None:
+            assert document["targets"][key] == "report" and met is None
+        else:
+            comparison, bound = target
+            assert document["targets"][key] == f"{comparison} {bound}"
+            assert met == (document[key] <= bound if comparison == "<=" else document[key] >= bound)
+        assert isinstance(document["details"][key], dict)
+    assert document["msam4_over_sam"] == document["msam4_over_sam_loop"]
+    for field in ("command", "torch", "machine", "threads", "device", "date", "settings"):
+        assert field in document["meta"]
+    assert document["meta"]["torch"] == torch.__version__ and document["meta"]["quick"] is True
+
+
+def test_hvp_ratio_is_power_over_lanczos_hvps(document):
+    (only,) = document["details"]["hvps_power_over_lanczos"]["runs"]
+    assert document["hvps_power_over_lanczos"] == only["power"]["hvps"] / only["lanczos"]["hvps"]
+
+
+def test_memory_row_is_the_ratio_of_the_two_peaks(document):
+    peaks = document["details"]["peak_memory_over_sgd"]["bytes"]
+    assert document["peak_memory_over_sgd"] == peaks["sam"]["peak"] / peaks["sgd"]["peak"]
+    for name in ("sgd", "sam"):
+        assert peaks[name]["peak"] == peaks[name]["start"] + peaks[name]["climb"] and peaks[name]["climb"] > 0
+
+
+def test_format_table_marks_a_missed_target():
+    rows = {key: {"value": 1.0, "details": {}} for key in run.ROWS}
+    rows["sam_over_sgd_step"]["value"] = 2.5
+    table = run.format_table(rows).splitlines()
+    assert len(table) == 2 + len(run.ROWS)
+    line = next(line for line in table if "`sam_over_sgd_step`" in line)
+    assert "2.500" in line and "**no**" in line
+
+
+def test_reference_loop_ascends_by_rho_along_the_gradient_and_restores_exactly():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64)), torch.nn.Parameter(torch.randn(4))]
+    params[0].grad = torch.randn(3, 2, dtype=torch.float64)
+    params[1].grad = None  # neither perturbed nor restored
+    before = [p.detach().clone() for p in params]
+    reference = LoopSAMPerturbation(params, rho=0.3)
+    reference.first_step()
+    step = params[0].detach() - before[0]
+    expected = 0.3 * params[0].grad / params[0].grad.norm()
+    torch.testing.assert_close(step, expected, rtol=1e-12, atol=0)
+    assert torch.equal(params[1], before[1])
+    reference.restore()
+    assert all(torch.equal(p, w) for p, w in zip(params, before))
+
+
+def test_tensor_bytes_counts_a_shared_storage_once():
+    base = torch.zeros(10, dtype=torch.float64)
+    assert tensor_bytes([base, base[2:5], base.view(2, 5), torch.zeros(3, dtype=torch.float32)]) == 80 + 12
+
+
+def test_median_ratio_pairs_rounds():
+    times = {"a": [2.0, 9.0, 3.0], "b": [1.0, 3.0, 1.0]}
+    assert median_ratio(times, "a", "b") == 3.0  # per-round ratios 2, 3, 3 (the ratio of medians is 3 / 1)
+    calls = []
+    out = interleaved({"x": lambda: calls.append("x"), "y": lambda: calls.append("y")}, repeats=3, warmup=1)
+    assert calls == ["x", "y", "x", "y", "y", "x", "x", "y"] and [len(v) for v in out.values()] == [3, 3]
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: interleaved({"x": lambda: None}, repeats=0), "repeats must be an integer >= 1, got 0"),
+        (lambda: LoopSAMPerturbation([], rho=-0.1), "rho must be > 0, got -0.1"),
+        (lambda: run.measure({}), "settings lacks"),
+    ],
+)
+def test_bad_arguments_name_the_value(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
