@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", choices=DEVICES, default="cpu")
         if name == "sharpness":
             sub.add_argument("--k", type=int, default=5, help="how many top eigenvalues")
+            sub.add_argument("--micro-batch-size", type=int, default=128, help="m of the m-sharpness measure")
         else:
             sub.add_argument("--steps", type=int, default=21)
             sub.add_argument("--span", type=float, default=1.0)
@@ -226,7 +227,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _run_sharpness(args: argparse.Namespace) -> int:
     from samkit.experiments.flatness import run_sharpness
 
-    report = run_sharpness(args.run, examples=args.examples, k=args.k, seed=args.seed, device=args.device)
+    report = run_sharpness(
+        args.run,
+        examples=args.examples,
+        k=args.k,
+        micro_batch_size=args.micro_batch_size,
+        seed=args.seed,
+        device=args.device,
+    )
     for key, value in report.items():
         print(f"{key}: {value}")
     return 0

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from samkit.experiments.files import write_json, write_text
+from samkit.experiments.inputs import load_config_dataset
 from samkit.experiments.metrics import evaluate
 from samkit.experiments.runs import open_run
 
@@ -34,7 +35,7 @@ def evaluate_run(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Clean test accuracy (and, with ``corruptions``, accuracy per corruption and severity) of a saved run."""
-    from samkit.data import CORRUPTIONS, corrupt, load_dataset
+    from samkit.data import CORRUPTIONS, corrupt
 
     for kind in corruptions or ():
         if kind not in CORRUPTIONS:
@@ -45,13 +46,7 @@ def evaluate_run(
     run = open_run(run_path)
     config = run.config
     resolved = torch.device(device)
-    dataset = load_dataset(
-        config.data,
-        data_dir=config.data_dir,
-        subset=config.subset,
-        val_fraction=config.val_fraction,
-        seed=config.data_seed,
-    )
+    dataset = load_config_dataset(config)
     model = run.model(device=resolved)
     common = {"num_classes": dataset.num_classes, "device": resolved}
     clean = evaluate(model, dataset.x_test, dataset.y_test, **common)

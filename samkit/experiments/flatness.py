@@ -47,9 +47,18 @@ def hessian_summary(
 
 
 def run_sharpness(
-    run_path: str | Path, *, examples: int = HESSIAN_EXAMPLES, k: int = HESSIAN_K, seed: int = 0, device: str = "cpu"
+    run_path: str | Path,
+    *,
+    examples: int = HESSIAN_EXAMPLES,
+    k: int = HESSIAN_K,
+    micro_batch_size: int = 128,
+    seed: int = 0,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """``flatness_report`` of a saved run's model on its first ``examples`` training examples."""
+    """``flatness_report`` of a saved run's model on its first ``examples`` training examples.
+
+    m-sharpness is measured on micro-batches of ``micro_batch_size`` (at most ``examples``) examples.
+    """
     from samkit.experiments.files import write_json
     from samkit.experiments.inputs import load_run_data
     from samkit.experiments.runs import open_run
@@ -61,7 +70,8 @@ def run_sharpness(
     data = load_run_data(run.config, device=resolved)
     model = run.model(device=resolved)
     batches = _batches(data.dataset.x_train, data.train_labels, examples, HESSIAN_BATCH, resolved)
-    report = flatness_report(model, make_loss_fn(0.0), batches, k=k, seed=seed)
+    size = min(micro_batch_size, examples, HESSIAN_BATCH)
+    report = flatness_report(model, make_loss_fn(0.0), batches, k=k, seed=seed, micro_batch_size=size)
     report = {key: (value.tolist() if isinstance(value, Tensor) else value) for key, value in report.items()}
     report.update({"run": str(run.path), "examples": min(examples, data.dataset.x_train.shape[0]), "seed": seed})
     write_json(run.path / "sharpness.json", report)

@@ -51,17 +51,22 @@ def _noisy(config: TrainConfig, dataset, rate: float) -> tuple[Tensor, Optional[
     return train, val, flipped
 
 
-def load_run_data(config: TrainConfig, *, device: torch.device | str = "cpu") -> RunData:
-    """Load the dataset ``config`` names and the labels to train on (see the module doc)."""
+def load_config_dataset(config: TrainConfig):
+    """The ``samkit.data.Dataset`` (splits, normalization) that ``config`` names, with its original labels."""
     from samkit.data import load_dataset
 
-    dataset = load_dataset(
+    return load_dataset(
         config.data,
         data_dir=config.data_dir,
         subset=config.subset,
         val_fraction=config.val_fraction,
         seed=config.data_seed,
     )
+
+
+def load_run_data(config: TrainConfig, *, device: torch.device | str = "cpu") -> RunData:
+    """Load the dataset ``config`` names and the labels to train on (see the module doc)."""
+    dataset = load_config_dataset(config)
     if config.bootstrap_from is None:
         train, val, flipped = _noisy(config, dataset, config.label_noise)
         return RunData(dataset, train, val, config.label_noise, flipped)

@@ -1,0 +1,63 @@
+"""--track-hessian during training, and the sharpness / landscape commands on a saved run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from samkit.data import load_dataset
+from samkit.experiments.flatness import run_landscape, run_sharpness
+from samkit.experiments.runs import open_run
+from samkit.experiments.trainer import train
+
+from .conftest import TINY
+
+
+def dense_top_eigenvalues(model, x, y, k):
+    """The dense Hessian of the mean cross-entropy in float64, by autograd: an independent reference."""
+    model = model.double().eval()
+    params = [p for p in model.parameters()]
+    shapes = [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+    flat = torch.cat([p.detach().flatten() for p in params])
+
+    def loss(vector):
+        tensors = [t.view(s) for t, s in zip(vector.split(sizes), shapes)]
+        output = torch.func.functional_call(
+            model, dict(zip([n for n, _ in model.named_parameters()], tensors)), (x.double(),)
+        )
+        return torch.nn.functional.cross_entropy(output, y)
+
+    hessian = torch.autograd.functional.hessian(loss, flat)
+    return np.sort(np.linalg.eigvalsh(hessian.numpy()))[::-1][:k]
+
+
+def test_track_hessian_records_lambda_max_and_plots_it(tmp_path):
+    config = TINY.replace(subset=64, epochs=2, batch_size=16, track_hessian=1)
+    train(config, tmp_path / "h", device="cpu", quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    assert all("lambda_max" in row and "lambda_ratio" in row for row in rows)
+    assert (tmp_path / "h" / "hessian.png").stat().st_size > 1000
+
+
+def test_lambda_max_of_a_small_model_matches_the_dense_hessian(tmp_path):
+    from samkit.experiments.flatness import hessian_summary
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 6), torch.nn.Tanh(), torch.nn.Linear(6, 4))
+    dataset = load_dataset("synthetic")
+    x, y = dataset.x_train[:100], dataset.y_train[:100]
+    summary = hessian_summary(model, torch.nn.functional.cross_entropy, x, y)
+    top = dense_top_eigenvalues(model, x, y, 5)
+    assert summary["lambda_max"] == pytest.approx(top[0], rel=2e-3)
+    assert summary["lambda_ratio"] == pytest.approx(top[0] / top[4], rel=1e-2)
+
+
+def test_sharpness_and_landscape_commands_write_their_files(finished_run):
+    out, _ = finished_run
+    report = run_sharpness(out, examples=64, k=2)
+    assert len(report["eigenvalues"]) == 2 and report["examples"] == 64
+    assert json.loads((out / "sharpness.json").read_text())["eigenvalues"] == report["eigenvalues"]
+    path = run_landscape(out, examples=64, steps=5)
+    assert path == open_run(out).path / "landscape.png" and path.stat().st_size > 1000
