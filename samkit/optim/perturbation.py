@@ -16,6 +16,10 @@ norm is the 2-norm of the stacked per-tensor 2-norms, and the stabiliser eps is 
 Two implementations share these formulas: `torch._foreach_*` kernels (the fast path, a handful of kernel
 launches for any number of tensors) and a plain per-tensor loop (the reference, also usable under
 `torch.func.vmap`). Tests hold them equal.
+
+With ``out=`` the result is written into tensors the caller owns instead of new ones, so a step allocates
+nothing parameter-sized: ``SAM`` passes the parameters themselves, after saving them (a fresh ε̂ of every
+parameter each step costs page faults on CPU, where freed large blocks go back to the OS; see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -46,17 +50,27 @@ def dual_exponent(p: float) -> float:
 
 
 def perturbation(
-    groups: Sequence[PerturbationGroup], *, eps: float = 1e-12, foreach: bool = True
+    groups: Sequence[PerturbationGroup],
+    *,
+    eps: float = 1e-12,
+    foreach: bool = True,
+    out: Optional[Sequence[Sequence[Tensor]]] = None,
 ) -> tuple[list[list[Tensor]], Optional[Tensor]]:
     """ε̂ for every gradient of every group, and the largest ||T g||_q over the p-classes.
 
     Returns ``(epsilons, norm)``: ``epsilons[i][j]`` matches ``groups[i].grads[j]``; ``norm`` is a 0-dim tensor
     (``None`` when there are no gradients) whose finiteness tells whether ε̂ is usable.
 
+    ``out``, if given, holds one tensor per gradient (same nesting and shapes) that receives ε̂ in place,
+    and ``epsilons`` is then ``out``. ``out`` may be the groups' ``params``: every read of a group's
+    params and grads happens before its ``out`` is written (values are the same bit for bit either way).
+
     >>> g = PerturbationGroup(params=[torch.zeros(2)], grads=[torch.tensor([3.0, 4.0])], rho=0.5)
     >>> [e.tolist() for e in perturbation([g])[0][0]]
     [[0.30000001192092896, 0.4000000059604645]]
     """
+    if out is not None:
+        _check_out(groups, out)
     scaled = [_scaled_grads(g, foreach) if g.grads else [] for g in groups]  # T g per group
     epsilons: list[list[Tensor]] = [[] for _ in groups]
     norms: list[Tensor] = []
@@ -66,9 +80,9 @@ def perturbation(
             continue
         q = dual_exponent(p)
         device = scaled[members[0]][0].device
-        per_tensor = [n.to(device) for i in members for n in _norms(scaled[i], q, foreach)]
-        if not per_tensor:
-            continue
+        per_tensor = [n for i in members for n in _norms(scaled[i], q, foreach)]
+        if any(n.device != device for n in per_tensor):  # parameters on several devices (model parallel)
+            per_tensor = [n.to(device) for n in per_tensor]
         stacked = torch.stack(per_tensor)
         if p == 2.0:
             norm = torch.linalg.vector_norm(stacked, 2)
@@ -81,7 +95,8 @@ def perturbation(
             denominator = norm.pow(q / p) + eps  # (||g~||_q^q)^(1/p)
         norms.append(norm)
         for i in members:
-            epsilons[i] = _epsilon(groups[i], scaled[i], p, q, denominator, foreach)
+            target = None if out is None else list(out[i])
+            epsilons[i] = _epsilon(groups[i], scaled[i], p, q, denominator, foreach, target)
     norm = torch.stack([n.to(norms[0].device) for n in norms]).max() if norms else None
     return epsilons, norm
 
@@ -121,10 +136,32 @@ def _epsilon(
     q: float,
     denominator: Optional[Tensor],
     foreach: bool,
+    out: Optional[list[Tensor]] = None,
 ) -> list[Tensor]:
     # direction d = sign(g~)|g~|^(q-1); for p = 2 that is g~ itself, for p = inf sign(g~)
     t = _scale(group, foreach)
     factor = group.rho if denominator is None else group.rho / denominator
+    if out is not None and p == 2.0 and t is None:
+        # the default case without a temporary: out = g, then out *= factor (the same rounding as g * factor)
+        if foreach:
+            torch._foreach_copy_(out, list(group.grads))
+            torch._foreach_mul_(out, factor)
+        else:
+            for o, g in zip(out, group.grads):
+                o.copy_(g).mul_(factor)
+        return out
+    eps_hat = _epsilon_values(group, scaled, p, q, t, factor, foreach)
+    if out is None:
+        return eps_hat
+    if foreach:
+        torch._foreach_copy_(out, eps_hat)
+    else:
+        for o, e in zip(out, eps_hat):
+            o.copy_(e)
+    return out
+
+
+def _epsilon_values(group, scaled, p, q, t, factor, foreach) -> list[Tensor]:
     if p == 2.0:
         if t is None:
             direction, t = list(group.grads), None
@@ -146,3 +183,17 @@ def _epsilon(
         return list(eps_hat)
     eps_hat = [d * factor for d in direction]
     return eps_hat if t is None else [e * ti for e, ti in zip(eps_hat, t)]
+
+
+def _check_out(groups: Sequence[PerturbationGroup], out: Sequence[Sequence[Tensor]]) -> None:
+    if len(out) != len(groups):
+        raise ValueError(f"out must hold one list per group ({len(groups)}), got {len(out)} lists")
+    for i, (group, targets) in enumerate(zip(groups, out)):
+        if len(targets) != len(group.grads):
+            raise ValueError(
+                f"out[{i}] must hold one tensor per gradient of group {i} ({len(group.grads)}), got {len(targets)}"
+            )
+        if [o.shape for o in targets] == [g.shape for g in group.grads]:
+            continue
+        j, o, g = next((j, o, g) for j, (o, g) in enumerate(zip(targets, group.grads)) if o.shape != g.shape)
+        raise ValueError(f"out[{i}][{j}] must have the gradient's shape {tuple(g.shape)}, got {tuple(o.shape)}")

@@ -93,7 +93,9 @@ class SAM(Optimizer):
         self.foreach = True if foreach is None else bool(foreach)
         self._steps_taken = 0  # SAM's own counter: decides which steps perturb when interval > 1
         self._saved: dict[Tensor, Tensor] = {}  # w before the ascent, keyed by parameter
+        self._saved_list: tuple[list, list, list] = ([], [], [])  # last step's (params, buffers, shapes)
         self._perturbed: list[Tensor] = []  # parameters currently at w + ε̂
+        self._perturbed_saved: list[Tensor] = []  # and their saved w, in the same order
         self._awaiting_second_step = False
 
         if isinstance(base_optimizer, Optimizer):
@@ -191,36 +193,47 @@ class SAM(Optimizer):
         if not self.is_sam_step:
             return
         groups = self._perturbation_groups(grads)
-        epsilons, norm = perturbation(groups, eps=self.eps, foreach=self.foreach)
-        if norm is not None and not bool(torch.isfinite(norm)):
-            self._awaiting_second_step = False
-            raise FloatingPointError(
-                f"the gradient norm in first_step is {norm.item()}: SAM will not write non-finite values into the "
-                "weights. Under mixed precision, unscale the gradients first or use samkit.sam_step(..., "
-                "scaler=GradScaler()), which skips such steps"
-            )
         params = [t for g in groups for t in g.params]
-        eps_flat = [e for eg in epsilons for e in eg]
-        saved = [self._saved_buffer(t) for t in params]
-        if params:
-            if self.foreach:
-                torch._foreach_copy_(saved, params)
-                torch._foreach_add_(params, eps_flat)
-            else:
-                for buffer, t, e in zip(saved, params, eps_flat):
-                    buffer.copy_(t)
-                    t.add_(e)
-        self._perturbed = params
+        saved = self._saved_buffers(params)
+        if self.foreach and params:
+            # save w, let ε̂ be computed in the weights' own memory (no temporary), then w = ε̂ + saved
+            torch._foreach_copy_(saved, params)
+            try:
+                _, norm = perturbation(groups, eps=self.eps, foreach=True, out=[g.params for g in groups])
+                finite = bool(torch.isfinite(norm))
+            except BaseException:
+                torch._foreach_copy_(params, saved)  # the weights may hold part of ε̂: put w back
+                raise
+            if not finite:
+                torch._foreach_copy_(params, saved)
+                self._raise_non_finite(norm)
+            torch._foreach_add_(params, saved)  # ε̂ + w: IEEE addition commutes, so bit-exact with w + ε̂
+        else:  # the per-tensor reference path
+            epsilons, norm = perturbation(groups, eps=self.eps, foreach=False)
+            if norm is not None and not bool(torch.isfinite(norm)):
+                self._raise_non_finite(norm)
+            for buffer, t, e in zip(saved, params, (e for eg in epsilons for e in eg)):
+                buffer.copy_(t)
+                t.add_(e)
+        self._perturbed, self._perturbed_saved = params, saved
         if zero_grad:
             self.zero_grad()
+
+    def _raise_non_finite(self, norm: Tensor) -> None:
+        self._awaiting_second_step = False
+        raise FloatingPointError(
+            f"the gradient norm in first_step is {norm.item()}: SAM will not write non-finite values into the "
+            "weights. Under mixed precision, unscale the gradients first or use samkit.sam_step(..., "
+            "scaler=GradScaler()), which skips such steps"
+        )
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put back the saved weights (a copy: bit-exact) without stepping. A no-op when nothing is perturbed."""
-        params, self._perturbed = self._perturbed, []
+        params, saved = self._perturbed, self._perturbed_saved
+        self._perturbed, self._perturbed_saved = [], []
         if not params:
             return
-        saved = [self._saved[t] for t in params]
         if self.foreach:
             torch._foreach_copy_(params, saved)
         else:
@@ -287,32 +300,47 @@ class SAM(Optimizer):
         position = 0
         groups = []
         for group in self.param_groups:
-            params, group_grads = [], []
-            for t in group["params"]:
-                g = t.grad if grads is None else grads[position]
-                position += 1
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError(
-                        f"SAM does not support sparse gradients (parameter of shape {tuple(t.shape)}); use dense "
-                        "gradients, e.g. nn.Embedding(..., sparse=False)"
-                    )
-                params.append(t)
-                group_grads.append(g)
+            members = group["params"]
+            if grads is None:
+                pairs = [(t, t.grad) for t in members]
+            else:
+                pairs = list(zip(members, grads[position : position + len(members)]))
+            position += len(members)
+            pairs = [(t, g) for t, g in pairs if g is not None]
+            sparse = next((t for t, g in pairs if g.is_sparse), None)
+            if sparse is not None:
+                raise RuntimeError(
+                    f"SAM does not support sparse gradients (parameter of shape {tuple(sparse.shape)}); use dense "
+                    "gradients, e.g. nn.Embedding(..., sparse=False)"
+                )
             groups.append(
                 PerturbationGroup(
-                    params, group_grads, rho=group["rho"], p=group["p"], adaptive=group["adaptive"], eta=group["eta"]
+                    [t for t, _ in pairs],
+                    [g for _, g in pairs],
+                    rho=group["rho"],
+                    p=group["p"],
+                    adaptive=group["adaptive"],
+                    eta=group["eta"],
                 )
             )
         return groups
 
-    def _saved_buffer(self, t: Tensor) -> Tensor:
-        buffer = self._saved.get(t)
-        if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype or buffer.device != t.device:
-            buffer = torch.empty_like(t, memory_format=torch.preserve_format)
-            self._saved[t] = buffer
-        return buffer
+    def _saved_buffers(self, params: list[Tensor]) -> list[Tensor]:
+        """The buffers that hold w during the ascent, one per parameter, reused from step to step."""
+        cached_params, cached_buffers, signature = self._saved_list
+        now = [(t.shape, t.dtype, t.device) for t in params]
+        same_params = len(cached_params) == len(params) and all(a is b for a, b in zip(cached_params, params))
+        if same_params and now == signature:
+            return cached_buffers  # the common case: the same parameters as last step, shapes unchanged
+        buffers = []
+        for t in params:
+            buffer = self._saved.get(t)
+            if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype or buffer.device != t.device:
+                buffer = torch.empty_like(t, memory_format=torch.preserve_format)
+                self._saved[t] = buffer
+            buffers.append(buffer)
+        self._saved_list = (list(params), buffers, now)
+        return buffers
 
     # ----------------------------------------------------------------------------------------------------------
     # checkpoints
