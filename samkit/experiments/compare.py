@@ -7,6 +7,7 @@
     OUT/results.csv     one row per run (status ok / diverged / collapsed)
     OUT/report.md       test error mean ± 95 % CI, Δ vs SGD, excluded runs, the selection table
     OUT/test_error.png  bars with CIs;  OUT/curves.png  mean test error per epoch
+    (the runs' own folders hold their metrics.jsonl, checkpoint and summary, without PNGs)
 
 The runs go one after another in this process; a killed compare continues where it stopped when run again
 (finished runs are read back, an unfinished one resumes from its checkpoint).
@@ -161,7 +162,13 @@ def compare(
         if not quiet:
             print(f"[{index}/{len(configs)}] {name}", flush=True)
         summary = train(
-            config, out / "runs" / name, device=device, resume=not overwrite, overwrite=overwrite, quiet=True
+            config,
+            out / "runs" / name,
+            device=device,
+            resume=not overwrite,
+            overwrite=overwrite,
+            quiet=True,
+            plot=False,
         )
         rows.append(_row(config, summary, name))
         if not quiet:

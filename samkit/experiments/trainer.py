@@ -108,8 +108,11 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
+    plot: bool = True,
 ) -> dict[str, Any]:
     """Train as ``config`` says, writing DIR = ``out`` (see the module doc); return the summary dict.
+
+    ``plot=False`` skips the PNGs (``compare`` draws its own, and matplotlib costs ~1 s a figure).
 
     Raises ValueError (bad option, or DIR refused) before any training, ``TrainingInterrupted`` on Ctrl-C.
     Under ``torchrun`` every rank calls this; rank 0 writes the files and every rank returns the summary.
@@ -118,14 +121,14 @@ def train(
     check_names(config)
     context = distributed.setup(device)
     try:
-        return _Training(config, Path(out), context, quiet=quiet).run(resume=resume, overwrite=overwrite)
+        return _Training(config, Path(out), context, quiet=quiet, plot=plot).run(resume=resume, overwrite=overwrite)
     finally:
         distributed.teardown(context)
 
 
 class _Training:
-    def __init__(self, config: TrainConfig, out: Path, context: distributed.Context, *, quiet: bool):
-        self.config, self.out, self.context, self.quiet = config, out, context, quiet
+    def __init__(self, config: TrainConfig, out: Path, context: distributed.Context, *, quiet: bool, plot: bool):
+        self.config, self.out, self.context, self.quiet, self.plot = config, out, context, quiet, plot
         self.device = context.device
         self.autocast = AMP_DTYPES.get(config.amp)
         self.metrics: list[dict[str, Any]] = []
@@ -378,12 +381,13 @@ class _Training:
             "device": str(self.device),
             "torch": torch.__version__,
         }
-        if self.context.is_main:
+        if self.context.is_main and self.plot:
             title = f"{config.optimizer} on {config.data} ({config.model}), seed {config.seed}"
             if self.metrics:
                 plots.learning_curves(self.metrics, self.out / rundir.CURVES_PLOT, title=title)
             if any("lambda_max" in row for row in self.metrics):
                 plots.hessian_evolution(self.metrics, self.out / rundir.HESSIAN_PLOT, title=title)
+        if self.context.is_main:
             write_json(self.out / rundir.SUMMARY, summary)
             self._say(
                 f"{status}{' (' + reason + ')' if reason else ''}: test accuracy {test.accuracy:.2%}, "

@@ -15,7 +15,9 @@ from .conftest import TINY
 
 def test_bootstrap_trains_on_the_labels_the_first_run_predicts(finished_run, tmp_path):
     source, _ = finished_run
-    summary = train(TINY.replace(bootstrap_from=str(source), epochs=1), tmp_path / "boot", device="cpu", quiet=True)
+    summary = train(
+        TINY.replace(bootstrap_from=str(source), epochs=1), tmp_path / "boot", device="cpu", quiet=True, plot=False
+    )
     dataset = load_dataset("synthetic")
     with torch.no_grad():
         expected = open_run(source).model()(dataset.x_train).argmax(1)
@@ -26,11 +28,13 @@ def test_bootstrap_trains_on_the_labels_the_first_run_predicts(finished_run, tmp
 def test_bootstrap_needs_the_same_training_images(finished_run, tmp_path):
     source, _ = finished_run
     with pytest.raises(ValueError, match=r"was trained on other data \(subset=None\)"):
-        train(TINY.replace(bootstrap_from=str(source), subset=128), tmp_path / "b", device="cpu", quiet=True)
+        train(
+            TINY.replace(bootstrap_from=str(source), subset=128), tmp_path / "b", device="cpu", quiet=True, plot=False
+        )
 
 
 def test_label_noise_flips_the_asked_fraction_of_training_labels(tmp_path):
-    train(TINY.replace(label_noise=0.25, epochs=1), tmp_path / "noisy", device="cpu", quiet=True)
+    train(TINY.replace(label_noise=0.25, epochs=1), tmp_path / "noisy", device="cpu", quiet=True, plot=False)
     labels = load_checkpoint(tmp_path / "noisy")["train_labels"]
     clean = load_dataset("synthetic").y_train
     assert (labels != clean).sum().item() == round(0.25 * clean.numel())
@@ -39,7 +43,7 @@ def test_label_noise_flips_the_asked_fraction_of_training_labels(tmp_path):
 def test_init_from_copies_the_body_and_gives_a_new_head(finished_run, tmp_path):
     source, _ = finished_run  # synthetic: 4 classes; digits: 10 classes, same 8x8 single-channel images
     config = TINY.replace(data="digits", init_from=str(source), epochs=1, lr=1e-12, momentum=0.0, weight_decay=0.0)
-    train(config, tmp_path / "digits", device="cpu", quiet=True)
+    train(config, tmp_path / "digits", device="cpu", quiet=True, plot=False)
     before, after = load_checkpoint(source)["model"], load_checkpoint(tmp_path / "digits")["model"]
     heads = [name for name in after if after[name].shape != before[name].shape]
     assert heads and all(after[name].shape[0] == 10 for name in heads if name.endswith("weight"))

@@ -52,16 +52,16 @@ def test_a_run_writes_every_promised_file(finished_run):
 
 def test_same_seed_same_result_and_another_seed_differs(tmp_path):
     config = RESUMABLE.replace(epochs=1)
-    first = train(config, tmp_path / "a", device="cpu", quiet=True)
-    second = train(config, tmp_path / "b", device="cpu", quiet=True)
+    first = train(config, tmp_path / "a", device="cpu", quiet=True, plot=False)
+    second = train(config, tmp_path / "b", device="cpu", quiet=True, plot=False)
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
     assert first["test_loss"] == second["test_loss"]
-    train(config.replace(seed=1), tmp_path / "c", device="cpu", quiet=True)
+    train(config.replace(seed=1), tmp_path / "c", device="cpu", quiet=True, plot=False)
     assert not torch.equal(weights(tmp_path / "a")["classifier.weight"], weights(tmp_path / "c")["classifier.weight"])
 
 
 def test_resume_after_ctrl_c_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
-    train(RESUMABLE, tmp_path / "whole", device="cpu", quiet=True)
+    train(RESUMABLE, tmp_path / "whole", device="cpu", quiet=True, plot=False)
 
     real_step, calls = trainer_module.train_step, []
     steps_per_epoch = 192 // RESUMABLE.batch_size  # 256 examples, 25 % held out for validation
@@ -74,13 +74,13 @@ def test_resume_after_ctrl_c_ends_with_the_weights_of_an_uninterrupted_run(tmp_p
 
     monkeypatch.setattr(trainer_module, "train_step", interrupt_in_epoch_two)
     with pytest.raises(TrainingInterrupted, match="holds epoch 1") as stopped:
-        train(RESUMABLE, tmp_path / "cut", device="cpu", quiet=True)
+        train(RESUMABLE, tmp_path / "cut", device="cpu", quiet=True, plot=False)
     assert stopped.value.checkpoint_epoch == 1
     assert load_checkpoint(tmp_path / "cut")["epoch"] == 1  # the interrupted epoch left the checkpoint alone
     monkeypatch.setattr(trainer_module, "train_step", real_step)
 
     torch.manual_seed(12345)  # the global RNG at resume time must not matter
-    resumed = train(RESUMABLE, tmp_path / "cut", device="cpu", resume=True, quiet=True)
+    resumed = train(RESUMABLE, tmp_path / "cut", device="cpu", resume=True, quiet=True, plot=False)
     assert_same_weights(weights(tmp_path / "whole"), weights(tmp_path / "cut"))
     whole_metrics = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
     cut_metrics = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
@@ -92,27 +92,33 @@ def test_resume_after_ctrl_c_ends_with_the_weights_of_an_uninterrupted_run(tmp_p
 def test_an_existing_out_dir_is_refused_unless_resume_or_overwrite(finished_run, tmp_path):
     out, summary = finished_run
     with pytest.raises(RunDirError, match="already holds a finished run with this config: pass --resume"):
-        train(TINY, out, device="cpu", quiet=True)
+        train(TINY, out, device="cpu", quiet=True, plot=False)
     with pytest.raises(RunDirError, match=r"different config \(lr: 0.05 -> 0.01\)"):
-        train(TINY.replace(lr=0.01), out, device="cpu", quiet=True)
+        train(TINY.replace(lr=0.01), out, device="cpu", quiet=True, plot=False)
     with pytest.raises(RunDirError, match=r"different config"):
-        train(TINY.replace(lr=0.01), out, device="cpu", quiet=True, resume=True)
-    assert train(TINY, out, device="cpu", quiet=True, resume=True) == summary  # finished: read back, not retrained
+        train(TINY.replace(lr=0.01), out, device="cpu", quiet=True, resume=True, plot=False)
+    assert (
+        train(TINY, out, device="cpu", quiet=True, resume=True, plot=False) == summary
+    )  # finished: read back, not retrained
     fresh = tmp_path / "copy"
-    train(TINY.replace(epochs=1), fresh, device="cpu", quiet=True)
-    again = train(TINY, fresh, device="cpu", quiet=True, overwrite=True)
+    train(TINY.replace(epochs=1), fresh, device="cpu", quiet=True, plot=False)
+    again = train(TINY, fresh, device="cpu", quiet=True, overwrite=True, plot=False)
     assert again["epochs_completed"] == 2
 
 
 def test_a_diverging_run_is_reported_as_diverged(tmp_path):
-    summary = train(TINY.replace(lr=1e4, momentum=0.0, epochs=2), tmp_path / "boom", device="cpu", quiet=True)
+    summary = train(
+        TINY.replace(lr=1e4, momentum=0.0, epochs=2), tmp_path / "boom", device="cpu", quiet=True, plot=False
+    )
     assert summary["status"] == "diverged"
     assert summary["epochs_completed"] <= 2
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_trains_on_cpu(tmp_path, amp):
-    summary = train(TINY.replace(optimizer="sam", amp=amp, epochs=1), tmp_path / amp, device="cpu", quiet=True)
+    summary = train(
+        TINY.replace(optimizer="sam", amp=amp, epochs=1), tmp_path / amp, device="cpu", quiet=True, plot=False
+    )
     assert summary["status"] == "ok"
     assert torch.isfinite(torch.tensor(summary["train_loss"]))
 
