@@ -270,7 +270,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except TrainingInterrupted as interrupted:
-        print(f"samkit: {interrupted}", file=sys.stderr)
+        if args.command == "compare":
+            print(
+                "samkit compare: interrupted; run the same command again to continue (finished runs are reused)",
+                file=sys.stderr,
+            )
+        else:
+            print(f"samkit: {interrupted}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("samkit: interrupted", file=sys.stderr)
