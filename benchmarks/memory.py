@@ -10,11 +10,13 @@ Peak = the bytes alive when the step starts + the highest the allocations made d
                   reports every tensor allocation; library-internal scratch, e.g. oneDNN's, is not seen)
 
 Both steps start from the steady state (one step taken before, gradients set to None). Beside the
-measurement, the difference is predicted from the parameter count P (bytes of one copy of the weights)::
+measurement, the difference is predicted from P, the bytes of one copy of the weights::
 
-    SAM − SGD = P (the saved weights w, kept for the bit-exact restore)
-              + P when a clean-pass gradient is still alive at SGD's peak moment (it is not: sam_step
-                drops it before the second pass), so the predicted difference is P.
+    SGD peak = weights + momentum + batch + max(climb of the forward-backward)          (.grad inside it)
+    SAM peak = SGD peak + P      the saved w, kept for the bit-exact restore; nothing else parameter-sized
+                                 outlives a pass: sam_step drops the clean gradient before the perturbed
+                                 pass, and first_step computes ε̂ in the weights' own memory (before that
+                                 change a fresh ε̂ lived next to the clean gradient: + P more at first_step)
 """
 
 from __future__ import annotations

@@ -45,7 +45,8 @@ def perturb_over_sgd_step(*, width: int = 4, repeats: int = 31, warmup: int = 3,
         sam.first_step()
         sam.restore()
 
-    variants = {"sgd_step": sgd.step, "first_step_restore": ascent_and_restore, "floor": _floor(params)}
+    kernels = _kernels(params, sgd)
+    variants = {"sgd_step": sgd.step, "first_step_restore": ascent_and_restore, "floor": _floor(params), **kernels}
     times = interleaved(variants, repeats=repeats, warmup=warmup)
     return {
         "value": median_ratio(times, "first_step_restore", "sgd_step"),
@@ -58,6 +59,7 @@ def perturb_over_sgd_step(*, width: int = 4, repeats: int = 31, warmup: int = 3,
             "repeats": repeats,
             "median_seconds": medians(times),
             "ratio_of_minimums": min(times["first_step_restore"]) / min(times["sgd_step"]),
+            "kernel_over_sgd_step": {name: median_ratio(times, name, "sgd_step") for name in kernels},
         },
     }
 
@@ -108,6 +110,25 @@ def _floor(params: list[torch.Tensor]):
         torch._foreach_copy_(weights, saved)
 
     return run
+
+
+def _kernels(params: list[torch.Tensor], sgd: torch.optim.SGD) -> dict:
+    """Each foreach kernel of the floor and of an SGD(momentum) step alone, on the same tensors (the profile)."""
+    weights = [p.detach() for p in params]
+    grads = [p.grad for p in params]
+    buffers = [torch.zeros_like(w) for w in weights]
+    momentum = [sgd.state[p]["momentum_buffer"] for p in params]
+    scale = torch.tensor(1.0)
+    no_grad = torch.no_grad()
+    return {
+        "floor_norm": no_grad(lambda: torch._foreach_norm(grads)),
+        "floor_copy": no_grad(lambda: torch._foreach_copy_(buffers, weights)),
+        "floor_mul_out": no_grad(lambda: [torch.mul(g, scale, out=b) for g, b in zip(grads, buffers)]),
+        "floor_add_": no_grad(lambda: torch._foreach_add_(buffers, grads)),
+        "sgd_momentum_mul_": no_grad(lambda: torch._foreach_mul_(momentum, 1.0)),
+        "sgd_momentum_add_": no_grad(lambda: torch._foreach_add_(momentum, grads, alpha=0.0)),
+        "sgd_weights_add_": no_grad(lambda: torch._foreach_add_(buffers, momentum, alpha=-0.0)),
+    }
 
 
 def _sgd_implementation(optimizer: torch.optim.SGD) -> str:

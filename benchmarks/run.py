@@ -57,13 +57,15 @@ ROWS = {
 PRESETS = {
     "full": dict(
         batch_size=128, warmup=2, step_repeats=21, perturb_width=4, small_tensors=800, perturb_repeats=101,
-        msam_repeats=11, vmap_repeats=7, hessian_seeds=5, hessian_examples=512, hessian_train_steps=100,
-        hessian_max_iter=2000, hessian_lanczos_max_iter=200, vmap_micro_batches=32, memory_batch_size=128,
+        msam_repeats=11, vmap_micro_batches=32, vmap_repeats={"cnn": 7, "mlp": 41},
+        hessian_seeds=5, hessian_examples=512, hessian_train_steps=100, hessian_max_iter=2000,
+        hessian_lanczos_max_iter=200, memory_batch_size=128,
     ),
     "quick": dict(
         batch_size=128, warmup=1, step_repeats=5, perturb_width=4, small_tensors=800, perturb_repeats=41,
-        msam_repeats=3, vmap_repeats=2, hessian_seeds=3, hessian_examples=512, hessian_train_steps=100,
-        hessian_max_iter=2000, hessian_lanczos_max_iter=200, vmap_micro_batches=32, memory_batch_size=128,
+        msam_repeats=3, vmap_micro_batches=32, vmap_repeats={"cnn": 2, "mlp": 15},
+        hessian_seeds=3, hessian_examples=512, hessian_train_steps=100, hessian_max_iter=2000,
+        hessian_lanczos_max_iter=200, memory_batch_size=128,
     ),
 }
 
@@ -116,7 +118,7 @@ def measure(settings: dict, *, device: str = "cpu", log: Callable[[str], None] =
                 model_name=model,
                 batch_size=batch,
                 micro_batches=s["vmap_micro_batches"],
-                repeats=s["vmap_repeats"],
+                repeats=s["vmap_repeats"][model],
                 warmup=warmup,
                 device=device,
             ),

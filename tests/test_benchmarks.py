@@ -17,14 +17,15 @@ import pytest
 import torch
 
 from benchmarks import run
-from benchmarks.memory import tensor_bytes
+from benchmarks.memory import step_peak_bytes, tensor_bytes
 from benchmarks.reference_sam import LoopSAMPerturbation
 from benchmarks.timing import interleaved, median_ratio
 
 TINY = dict(
-    batch_size=8, warmup=0, step_repeats=1, perturb_width=1, small_tensors=6, perturb_repeats=1, msam_repeats=1,
-    vmap_repeats=1, hessian_seeds=1, hessian_examples=32, hessian_train_steps=2, hessian_max_iter=10,
-    hessian_lanczos_max_iter=5, vmap_micro_batches=4, memory_batch_size=8,
+    batch_size=8, warmup=0, step_repeats=1, perturb_width=1, small_tensors=6, perturb_repeats=1,
+    msam_repeats=1, vmap_micro_batches=4, vmap_repeats={"cnn": 1, "mlp": 1},
+    hessian_seeds=1, hessian_examples=32, hessian_train_steps=2, hessian_max_iter=10,
+    hessian_lanczos_max_iter=5, memory_batch_size=8,
 )
 REQUIRED = (
     "sam_over_sgd_step", "perturb_over_sgd_step", "loop_over_foreach_small", "msam4_over_sam",
@@ -84,6 +85,27 @@ def test_memory_row_is_the_ratio_of_the_two_peaks(document):
     assert document["peak_memory_over_sgd"] == peaks["sam"]["peak"] / peaks["sgd"]["peak"]
     for name in ("sgd", "sam"):
         assert peaks[name]["peak"] == peaks[name]["start"] + peaks[name]["climb"] and peaks[name]["climb"] > 0
+
+
+def test_sam_costs_one_copy_of_the_weights_more_than_sgd(document):
+    """The analytic prediction (benchmarks/memory.py): the saved weights, and nothing else parameter-sized."""
+    for key in ("peak_memory_over_sgd", "peak_memory_over_sgd_mlp"):
+        details = document["details"][key]
+        weights = details["weights_bytes"]
+        assert abs(details["measured_difference_bytes"] - weights) <= 0.01 * weights, (key, details)
+
+
+def test_step_peak_bytes_follows_allocations_and_frees():
+    def step():
+        a = torch.empty(1000, dtype=torch.float64)
+        b = torch.empty(500, dtype=torch.float64)
+        del a
+        c = torch.empty(200, dtype=torch.float64)
+        return b, c
+
+    kept = torch.zeros(10, dtype=torch.float32)
+    measured = step_peak_bytes(step, [kept], device="cpu")
+    assert measured["start"] == 40 and measured["climb"] == 8000 + 4000 and measured["peak"] == 12040
 
 
 def test_format_table_marks_a_missed_target():
