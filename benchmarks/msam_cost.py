@@ -12,6 +12,9 @@ All on samkit's small CNN and one Fashion-MNIST-shaped batch of N = 128, timed i
                           for the CNN and for samkit's MLP (the docstring's claim: vmap pays off there)
 
 The denominator of both msam4 rows is plain SAM, ``sam_step(k=1)`` with the default loop backend.
+The vmap backend holds k perturbed copies of the weights and k gradients at once; on CPU those fresh
+allocations page-fault whenever glibc has handed the memory back to the OS, so the vmap rows also report
+minor page faults per step (their time moves with the allocator's state; see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.step_cost import LR, MOMENTUM, RHO, sgd_training_step
-from benchmarks.timing import check_count, interleaved, median_ratio, medians
+from benchmarks.timing import check_count, interleaved, median_ratio, medians, minor_page_faults
 from benchmarks.workloads import IMAGE_SHAPE, NUM_CLASSES, fashion_batch, small_cnn
 from samkit import SAM, sam_step
 from samkit.models import build_model
@@ -90,7 +93,8 @@ def vmap_over_loop(
             sam, model, F.cross_entropy, inputs, targets, micro_batches=micro_batches, backend=backend
         )
 
-    times = interleaved({"loop": step("loop"), "vmap": step("vmap")}, repeats=repeats, warmup=warmup)
+    variants = {"loop": step("loop"), "vmap": step("vmap")}
+    times = interleaved(variants, repeats=repeats, warmup=warmup)
     return {
         "value": median_ratio(times, "vmap", "loop"),
         "details": {
@@ -101,5 +105,7 @@ def vmap_over_loop(
             "micro_batch_size": batch_size // micro_batches,
             "repeats": repeats,
             "median_seconds": medians(times),
+            "minimum_seconds": {name: min(values) for name, values in times.items()},
+            "minor_page_faults_per_step": {name: minor_page_faults(run) for name, run in variants.items()},
         },
     }

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.reference_sam import LoopSAMPerturbation
-from benchmarks.timing import check_count, interleaved, median_ratio, medians
+from benchmarks.timing import check_count, interleaved, median_ratio, medians, minor_page_faults
 from benchmarks.workloads import small_parameters, wide_parameters
 from samkit import SAM
 
@@ -60,6 +60,9 @@ def perturb_over_sgd_step(*, width: int = 4, repeats: int = 31, warmup: int = 3,
             "median_seconds": medians(times),
             "ratio_of_minimums": min(times["first_step_restore"]) / min(times["sgd_step"]),
             "kernel_over_sgd_step": {name: median_ratio(times, name, "sgd_step") for name in kernels},
+            "minor_page_faults_per_call": {
+                name: minor_page_faults(variants[name]) for name in ("sgd_step", "first_step_restore")
+            },
         },
     }
 

@@ -19,7 +19,7 @@ import torch
 from benchmarks import run
 from benchmarks.memory import step_peak_bytes, tensor_bytes
 from benchmarks.reference_sam import LoopSAMPerturbation
-from benchmarks.timing import interleaved, median_ratio
+from benchmarks.timing import interleaved, median_ratio, minor_page_faults
 
 TINY = dict(
     batch_size=8, warmup=0, step_repeats=1, perturb_width=1, small_tensors=6, perturb_repeats=1,
@@ -138,6 +138,11 @@ def test_tensor_bytes_counts_a_shared_storage_once():
     assert tensor_bytes([base, base[2:5], base.view(2, 5), torch.zeros(3, dtype=torch.float32)]) == 80 + 12
 
 
+def test_page_faults_are_reported_per_step(document):
+    faults = document["details"]["vmap_over_loop_k32_mlp"]["minor_page_faults_per_step"]
+    assert set(faults) == {"loop", "vmap"} and all(v is None or v >= 0 for v in faults.values())
+
+
 def test_median_ratio_pairs_rounds():
     times = {"a": [2.0, 9.0, 3.0], "b": [1.0, 3.0, 1.0]}
     assert median_ratio(times, "a", "b") == 3.0  # per-round ratios 2, 3, 3 (the ratio of medians is 3 / 1)
@@ -152,6 +157,7 @@ def test_median_ratio_pairs_rounds():
         (lambda: interleaved({"x": lambda: None}, repeats=0), "repeats must be an integer >= 1, got 0"),
         (lambda: LoopSAMPerturbation([], rho=-0.1), "rho must be > 0, got -0.1"),
         (lambda: run.measure({}), "settings lacks"),
+        (lambda: minor_page_faults(lambda: None, calls=0), "calls must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_arguments_name_the_value(call, match):
