@@ -8,5 +8,9 @@ Each module measures one thing and returns rows of ``{key: value}`` with the det
     hessian_cost   HVPs to λmax: power iteration vs Lanczos
     memory         peak memory of a SAM step vs an SGD step (measured and analytic)
 
+and the pieces they share: ``timing`` (interleaved rounds, median of paired ratios), ``allocator`` (page
+faults, glibc told to keep freed memory), ``workloads`` (models, batches, parameter sets) and
+``reference_sam`` (the per-tensor loop that samkit's foreach path is measured against).
+
 Ratios are taken side by side in one process, variants interleaved (A, B, B, A, ...), medians of repeats.
 """

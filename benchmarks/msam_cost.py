@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from benchmarks.allocator import minor_page_faults
 from benchmarks.step_cost import LR, MOMENTUM, RHO, sgd_training_step
-from benchmarks.timing import check_count, interleaved, median_ratio, medians, minor_page_faults
+from benchmarks.timing import check_count, interleaved, median_ratio, medians
 from benchmarks.workloads import IMAGE_SHAPE, NUM_CLASSES, fashion_batch, small_cnn
 from samkit import SAM, sam_step
 from samkit.models import build_model

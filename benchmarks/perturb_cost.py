@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.allocator import minor_page_faults
 from benchmarks.reference_sam import LoopSAMPerturbation
-from benchmarks.timing import check_count, interleaved, median_ratio, medians, minor_page_faults
+from benchmarks.timing import check_count, interleaved, median_ratio, medians
 from benchmarks.workloads import small_parameters, wide_parameters
 from samkit import SAM
 

@@ -1,11 +1,13 @@
 """Run every benchmark, print the markdown table, optionally write the numbers as JSON.
 
-    python benchmarks/run.py [--quick] [--json PATH] [--threads 1] [--device cpu]
+    python benchmarks/run.py [--quick] [--json PATH] [--threads 1] [--device cpu] [--keep-freed-memory]
 
 Every ratio is measured side by side in one process (variants interleaved, medians of repeats; see
 ``benchmarks/timing.py``), with ``torch.set_num_threads(--threads)``: one thread by default, because on a
 shared machine a ratio of single-threaded timings is far more stable than one of multi-threaded timings.
 ``--quick`` uses fewer repeats and seeds (under 2 minutes on 2 cores) and the same sizes.
+``--keep-freed-memory`` tells glibc to keep freed memory (no page faults on reallocation); by default the
+allocator is left as users have it, and the page-fault counts in the details show where that matters.
 
 JSON (written atomically): the keys of the table at the top level, each a number, plus ``targets``
 (key -> "<= 2.05" ...), ``met`` (key -> true / false / null), ``details`` (key -> what was measured, medians
@@ -30,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `samkit`
 
 import torch  # noqa: E402
 
+from benchmarks.allocator import keep_freed_memory  # noqa: E402
 from benchmarks.hessian_cost import hvps_power_over_lanczos  # noqa: E402
 from benchmarks.memory import peak_memory_over_sgd  # noqa: E402
 from benchmarks.msam_cost import msam_over_sam, vmap_over_loop  # noqa: E402
@@ -206,12 +209,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the run (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory (mallopt: no trim, no mmap), so reallocations do not page-fault",
+    )
     args = parser.parse_args(argv)
     check_count("--threads", args.threads, minimum=1)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} was asked for, but torch.cuda.is_available() is False: use --device cpu")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    allocator = "default"
+    if args.keep_freed_memory:
+        if not keep_freed_memory():
+            parser.error("--keep-freed-memory needs glibc (mallopt), which this platform does not have")
+        allocator = "glibc keeps freed memory (M_TRIM_THRESHOLD 2^31-1, M_MMAP_MAX 0)"
     started = time.perf_counter()
     with threads(args.threads):
         print(f"samkit benchmarks ({'quick' if args.quick else 'full'}, {args.threads} thread(s), {args.device})")
@@ -226,12 +239,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         "machine": machine(),
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device),
         "threads": args.threads,
+        "allocator": allocator,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 1),
     }
     print()
     print(format_table(rows))
-    print(f"\n{meta['command']} | torch {meta['torch']} | {meta['machine']} | {meta['date']} | {meta['seconds']} s")
+    print(
+        f"\n{meta['command']} | torch {meta['torch']} | {meta['machine']} | allocator: {allocator} | "
+        f"{meta['date']} | {meta['seconds']} s"
+    )
     if args.json is not None:
         write_json_atomic(args.json, report(rows, meta))
         print(f"wrote {args.json}")

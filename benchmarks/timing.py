@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -72,23 +72,6 @@ def threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def minor_page_faults(function: Callable[[], object], *, calls: int = 3) -> Optional[float]:
-    """Minor page faults per call of ``function`` (getrusage; None where the platform has no ``resource``).
-
-    On CPU a step that allocates large tensors afresh pays for it here: glibc gives freed large blocks back
-    to the OS, and touching new pages faults. That cost is the allocator's, and it moves with its state.
-    """
-    check_count("calls", calls, minimum=1)
-    try:
-        import resource
-    except ImportError:  # not on Unix
-        return None
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(calls):
-        function()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def _synchronize() -> None:

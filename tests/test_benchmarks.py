@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import run
+from benchmarks.allocator import minor_page_faults
 from benchmarks.memory import step_peak_bytes, tensor_bytes
 from benchmarks.reference_sam import LoopSAMPerturbation
-from benchmarks.timing import interleaved, median_ratio, minor_page_faults
+from benchmarks.timing import interleaved, median_ratio
 
 TINY = dict(
     batch_size=8, warmup=0, step_repeats=1, perturb_width=1, small_tensors=6, perturb_repeats=1,
@@ -141,6 +146,14 @@ def test_tensor_bytes_counts_a_shared_storage_once():
 def test_page_faults_are_reported_per_step(document):
     faults = document["details"]["vmap_over_loop_k32_mlp"]["minor_page_faults_per_step"]
     assert set(faults) == {"loop", "vmap"} and all(v is None or v >= 0 for v in faults.values())
+
+
+def test_keep_freed_memory_works_on_glibc_and_declines_elsewhere():
+    """In a subprocess: mallopt changes the whole process, which the rest of the test session shares."""
+    code = "from benchmarks.allocator import keep_freed_memory; print(keep_freed_memory())"
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(platform.libc_ver()[0] == "glibc")
 
 
 def test_median_ratio_pairs_rounds():
