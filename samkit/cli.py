@@ -99,7 +99,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--amp", choices=tuple(AMP_DTYPES), help="mixed precision: bf16, or fp16 with loss scaling")
     group.add_argument("--track-hessian", type=int, metavar="N", help="record lambda_max every N epochs")
     group.add_argument("--device", choices=DEVICES, default="auto")
-    group.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    group.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (train: torch's choice; compare: 1, since small models gain nothing from more and "
+        "oversubscribed cores slow them down many times)",
+    )
     group.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
@@ -261,10 +266,11 @@ COMMANDS = {
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
+    threads = getattr(args, "threads", None) or (1 if args.command == "compare" else None)
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     from samkit.experiments.trainer import TrainingInterrupted
 
     try:
