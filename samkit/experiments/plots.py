@@ -73,10 +73,7 @@ def error_bars(rows: Sequence[dict[str, Any]], path: Path, *, title: str = "") -
     axis.bar(positions, means, yerr=errors, capsize=6, color="tab:blue", alpha=0.75)
     axis.set_xticks(list(positions), [row["label"] for row in rows])
     axis.set(ylabel="test error (%)", title=title or "test error, mean ± 95 % CI over seeds")
-    finite = [m for m in means if math.isfinite(m)]
-    if finite:
-        low = min(m - e for m, e in zip(means, errors) if math.isfinite(m))
-        axis.set_ylim(max(0.0, low - 0.5 * (max(finite) - low + 1)), None)
+    axis.set_ylim(0.0, None)  # bars start at zero: a cut axis would exaggerate the differences
     axis.grid(axis="y", alpha=0.3)
     return _save(figure, path)
 
