@@ -190,6 +190,8 @@ def compare(
         if line["ok"]
     ]
     title = f"{', '.join(report.DISPLAY.get(o, o) for o in optimizers)} on {base.data}"
+    if base.label_noise:
+        title += f" with {base.label_noise:.0%} label noise"
     if bars:
         plot_paths.append(plots.error_bars(bars, out / "test_error.png", title=f"{title}: test error"))
     curves = _mean_curves(out, groups)
