@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import run
+from benchmarks import revision_ab, run
 from benchmarks.allocator import minor_page_faults
 from benchmarks.memory import step_peak_bytes, tensor_bytes
 from benchmarks.reference_sam import LoopSAMPerturbation
 from benchmarks.timing import interleaved, median_ratio
+from samkit import SAM
 
 TINY = dict(
     batch_size=8, warmup=0, step_repeats=1, perturb_width=1, small_tensors=6, perturb_repeats=1,
@@ -154,6 +155,20 @@ def test_keep_freed_memory_works_on_glibc_and_declines_elsewhere():
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(platform.libc_ver()[0] == "glibc")
+
+
+def test_revision_ab_loads_a_second_sam_and_compares(tmp_path):
+    """The working tree's own sources as the 'old' revision: a distinct class that behaves the same."""
+    optim = Path(__file__).resolve().parent.parent / "samkit" / "optim"
+    sources = [(optim / f"{name}.py").read_text() for name in ("perturbation", "sam")]
+    old = revision_ab.load_sam_class(*sources, tmp_path)
+    assert old is not SAM and old.__module__.startswith("_samkit_revision_")
+    rows = revision_ab.compare(old, repeats=1, warmup=0, width=1, count=4)
+    assert set(rows) == {"wrn-16-1", "4 small"}
+    for row in rows.values():
+        assert all(row[key] > 0 for key in ("old_over_sgd", "new_over_sgd", "old_over_new"))
+    with pytest.raises(ValueError, match="does not contain 'from samkit.optim.perturbation import'"):
+        revision_ab.load_sam_class(sources[0], "import torch\n", tmp_path)
 
 
 def test_median_ratio_pairs_rounds():
