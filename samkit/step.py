@@ -57,9 +57,10 @@ def sam_step(
         perturbation: ``"per_micro_batch"`` (mSAM) or ``"shared"`` (one ε̂: SAM with gradient accumulation).
         backend: ``"loop"`` (any model; micro-batches one after another) or ``"vmap"`` (``torch.func``: all
             micro-batches in one vectorised call; models without BatchNorm running statistics, equal-size
-            micro-batches, no DDP). The vmap backend pays off for many small micro-batches of a small model,
-            where the loop is bound by per-call overhead; for large micro-batches the loop is as fast and uses
-            less memory (k copies of the weights). See BENCHMARKS.md.
+            micro-batches, no DDP). Measured on CPU (BENCHMARKS.md): vmap is faster only for small
+            fully-connected models with many tiny micro-batches (k = 32: 0.75x the loop's time for an MLP), and
+            slower for convolutional models (1.12x for a small CNN) and at k = 4 (1.25x); it also holds k copies
+            of the weights. The loop is the default for that reason. See BENCHMARKS.md.
         scaler: a ``torch.amp.GradScaler`` for fp16: both passes are scaled and unscaled here (no "unscale
             twice"), a non-finite gradient in either pass skips the whole step (weights untouched) and the scale
             is updated once per step.

@@ -77,3 +77,39 @@ def test_sam_foreach_and_loop_agree_with_zero_size_and_gradless_params(p):
     for a, b in zip(params_a, params_b):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
     assert torch.equal(no_grad, torch.ones(3, dtype=torch.float64)) and no_grad.grad is None
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_out_receives_the_same_values_even_when_it_is_the_params(foreach):
+    groups = random_groups()
+    expected, expected_norm = perturbation(groups, foreach=foreach)
+    targets = [[torch.empty_like(g) for g in group.grads] for group in groups]
+    written, norm = perturbation(groups, foreach=foreach, out=targets)
+    assert written is targets or all(a is b for wa, wb in zip(written, targets) for a, b in zip(wa, wb))
+    for a_group, b_group in zip(targets, expected):
+        for a, b in zip(a_group, b_group):
+            assert torch.equal(a, b)
+    assert torch.equal(norm, expected_norm)
+    # aliasing: ε̂ written over the parameters it is computed from (adaptive groups read |w|)
+    aliased = random_groups()
+    perturbation(aliased, foreach=foreach, out=[list(g.params) for g in aliased])
+    for group, eps in zip(aliased, expected):
+        for param, e in zip(group.params, eps):
+            assert torch.equal(param, e)
+
+
+def test_sam_gets_new_saved_buffers_after_the_model_changes_dtype():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.0)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    opt.restore()
+    opt.cancel_step()
+    model.double()  # same Parameter objects, new dtype
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.nn.functional.mse_loss(model(x.double()), y.double()).backward()
+    opt.first_step(zero_grad=True)
+    opt.restore()
+    assert all(torch.equal(p, b) and p.dtype == torch.float64 for p, b in zip(model.parameters(), before))
