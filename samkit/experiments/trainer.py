@@ -286,7 +286,7 @@ class _Training:
         mixup_rng = np.random.default_rng(epoch_seed(config.seed, self.epoch, MIXUP_STREAM))
         loss_fn = make_loss_fn(config.label_smoothing)
         model.train()
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no sync a step
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"epoch {self.epoch + 1}/{config.epochs}",
@@ -312,7 +312,7 @@ class _Training:
                 self._say(f"diverged at step {self.step}: {error}")
                 return math.nan
             self.step += 1
-            total += loss.detach().double().cpu()
+            total += loss.detach().double()
             if batch % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
         bar.close()
