@@ -62,3 +62,12 @@ def test_evaluate_prints_the_corruption_table(run_dir, capsys):
 def test_compare_rejects_a_grid_without_validation(tmp_path, capsys):
     assert main(["compare", *TINY, "--optimizers", "sgd,sam", "--rho", "0.01,0.05", "--out", str(tmp_path)]) == 2
     assert "--val-fraction 0.1" in capsys.readouterr().err
+
+
+def test_compare_with_options_starts_from_train_defaults_not_the_readme_job(tmp_path, capsys):
+    # the README job trains on 40 % flipped labels; naming any training option must not inherit that
+    assert main(["compare", *TINY, "--optimizers", "sgd", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    config = json.loads((tmp_path / "runs" / "sgd_lr0.1_seed0" / "config.json").read_text())
+    assert (config["label_noise"], config["data"], config["model"]) == (0.0, "synthetic", "mlp")
+    printed = capsys.readouterr().out
+    assert "report: " in printed and "plot: " in printed
