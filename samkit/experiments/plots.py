@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from samkit.experiments.files import write_bytes_with  # noqa: E402
 
@@ -72,7 +73,8 @@ def error_bars(rows: Sequence[dict[str, Any]], path: Path, *, title: str = "") -
     errors = [0.0 if math.isnan(row["half_width"]) else row["half_width"] for row in rows]
     axis.bar(positions, means, yerr=errors, capsize=6, color="tab:blue", alpha=0.75)
     axis.set_xticks(list(positions), [row["label"] for row in rows])
-    axis.set(ylabel="test error (%)", title=title or "test error, mean ± 95 % CI over seeds")
+    axis.set_ylabel("test error (%)")
+    axis.set_title(title or "test error, mean ± 95 % CI over seeds", fontsize=9)
     axis.set_ylim(0.0, None)  # bars start at zero: a cut axis would exaggerate the differences
     axis.grid(axis="y", alpha=0.3)
     return _save(figure, path)
@@ -80,10 +82,12 @@ def error_bars(rows: Sequence[dict[str, Any]], path: Path, *, title: str = "") -
 
 def mean_curves(curves: dict[str, list[float]], path: Path, *, ylabel: str = "test error (%)", title: str = "") -> Path:
     """``curves``: label -> one value per epoch (already averaged over seeds)."""
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = plt.subplots(figsize=(7, 4))
     for label, values in curves.items():
         axis.plot(range(1, len(values) + 1), values, marker=".", label=label)
-    axis.set(xlabel="epoch", ylabel=ylabel, title=title or "mean over seeds")
+    axis.set(xlabel="epoch", ylabel=ylabel)
+    axis.set_title(title or "mean over seeds", fontsize=9)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.grid(alpha=0.3)
     axis.legend()
     return _save(figure, path)
