@@ -83,16 +83,20 @@ def sam_step(
         raise ValueError("the optimizer has no parameter that requires grad: nothing to train")
     precision = _Precision(scaler, autocast, trainable[0].device.type)
     optimizer.zero_grad(set_to_none=True)
-    if backend == "vmap":
-        from samkit.vectorized import vectorized_step_gradients
+    try:
+        if backend == "vmap":
+            from samkit.vectorized import vectorized_step_gradients
 
-        loss, finite = vectorized_step_gradients(
-            optimizer, model, loss_fn, inputs, targets, micro_batches, perturbation, precision, trainable
-        )
-    else:
-        loss, finite = _loop_step_gradients(
-            optimizer, model, loss_fn, inputs, targets, micro_batches, perturbation, precision, params
-        )
+            loss, finite = vectorized_step_gradients(
+                optimizer, model, loss_fn, inputs, targets, micro_batches, perturbation, precision, trainable
+            )
+        else:
+            loss, finite = _loop_step_gradients(
+                optimizer, model, loss_fn, inputs, targets, micro_batches, perturbation, precision, params
+            )
+    except BaseException:
+        optimizer.cancel_step()  # an error in a perturbed pass (e.g. out of memory) must not leave w + ε̂ behind
+        raise
     if not finite:
         _skip_step(optimizer, precision, trainable)
         return loss

@@ -70,8 +70,9 @@ def test_shared_perturbation_is_sam_on_the_whole_batch(backend):
     assert max_diff(model, expected) <= 1e-12
 
 
+@pytest.mark.parametrize("interval", [1, 2])
 @pytest.mark.parametrize("mode", ["per_micro_batch", "shared"])
-def test_vmap_equals_loop_with_adaptive_groups(mode):
+def test_vmap_equals_loop_with_adaptive_groups(mode, interval):
     model, (x, y) = mlp(), batch(n=32)
     twin = copy.deepcopy(model)
 
@@ -79,7 +80,7 @@ def test_vmap_equals_loop_with_adaptive_groups(mode):
         weights = [m[0].weight, m[2].weight]
         biases = [m[0].bias, m[2].bias]
         groups = [{"params": weights, "adaptive": True, "eta": 0.01}, {"params": biases, "rho": 0.1}]
-        return SAM(groups, torch.optim.SGD, rho=0.5, **SGD_OPTIONS)
+        return SAM(groups, torch.optim.SGD, rho=0.5, interval=interval, **SGD_OPTIONS)
 
     opt_loop, opt_vmap = build(model), build(twin)
     for _ in range(3):
@@ -107,62 +108,94 @@ def bn_model():
     ).double()
 
 
-def test_batchnorm_running_stats_see_only_the_clean_pass():
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("mode", ["per_micro_batch", "shared"])
+def test_batchnorm_running_stats_see_only_the_clean_pass(mode, k):
     model, (x, y) = bn_model(), batch()
     reference = copy.deepcopy(model)
-    reference(x)  # one clean forward in training mode
+    for chunk in torch.tensor_split(x, k):
+        reference(chunk)  # one clean forward per micro-batch in training mode, at the same (unmoved) weights
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
-    sam_step(opt, model, loss_fn, x, y)
+    sam_step(opt, model, loss_fn, x, y, micro_batches=k, perturbation=mode)
     bn, ref_bn = model[1], reference[1]
     assert torch.equal(bn.running_mean, ref_bn.running_mean)
     assert torch.equal(bn.running_var, ref_bn.running_var)
-    assert bn.num_batches_tracked.item() == 1 and bn.track_running_stats
+    assert bn.num_batches_tracked.item() == k and bn.track_running_stats
 
 
-def test_amp_step_without_overflow_equals_the_full_precision_step():
-    model, (x, y) = mlp(dtype=torch.float32), batch(dtype=torch.float32)
-    twin = copy.deepcopy(model)
-    opt = SAM(model.parameters(), torch.optim.SGD, **SGD_OPTIONS)
-    opt_twin = SAM(twin.parameters(), torch.optim.SGD, **SGD_OPTIONS)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    for _ in range(3):
-        sam_step(opt, model, loss_fn, x, y, micro_batches=2, scaler=scaler)
-        sam_step(opt_twin, twin, loss_fn, x, y, micro_batches=2)
-    torch.testing.assert_close(flat(model), flat(twin), rtol=1e-6, atol=1e-7)
-    assert scaler.get_scale() == 2.0**10  # no overflow, no growth yet (growth_interval 2000)
-
-
-@pytest.mark.parametrize("overflow_in", ["clean", "perturbed"])
+@pytest.mark.parametrize("backend", ["loop", "vmap"])
 @pytest.mark.parametrize("mode", ["per_micro_batch", "shared"])
-def test_overflow_skips_the_step_and_lowers_the_scale(overflow_in, mode):
-    model, (x, y) = mlp(dtype=torch.float32), batch(dtype=torch.float32)
+def test_amp_step_without_overflow_equals_the_full_precision_step(mode, backend):
+    model, (x, y) = mlp(), batch()
+    twin = copy.deepcopy(model)
+    # eps = 0.1 makes ε̂ depend on the gradient's scale: a clean gradient left scaled (or unscaled twice) shows
+    options = dict(eps=0.1, **SGD_OPTIONS)
+    opt = SAM(model.parameters(), torch.optim.SGD, **options)
+    opt_twin = SAM(twin.parameters(), torch.optim.SGD, **options)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    for _ in range(3):
+        sam_step(opt, model, loss_fn, x, y, micro_batches=2, perturbation=mode, backend=backend, scaler=scaler)
+        sam_step(opt_twin, twin, loss_fn, x, y, micro_batches=2, perturbation=mode, backend=backend)
+    # scaling by a power of two is exact in float64: the two runs agree to rounding at most
+    torch.testing.assert_close(flat(model), flat(twin), rtol=0, atol=1e-15)
+    assert scaler.get_scale() == 2.0**11  # 3 steps, one update each, growth after every 2 clean ones
+
+
+# the passes of a k = 2 step, in the order loss_fn sees them (the vmap backend runs all micro-batches at once)
+PASSES = {
+    ("loop", "per_micro_batch"): ["clean 1", "perturbed 1", "clean 2", "perturbed 2"],
+    ("loop", "shared"): ["clean 1", "clean 2", "perturbed 1", "perturbed 2"],
+    ("vmap", "per_micro_batch"): ["clean", "perturbed"],
+    ("vmap", "shared"): ["clean", "perturbed"],
+}
+
+
+@pytest.mark.parametrize(
+    "backend,mode,overflow_in",
+    [(backend, mode, name) for (backend, mode), names in PASSES.items() for name in names],
+)
+def test_overflow_in_any_one_pass_skips_the_step_and_lowers_the_scale(backend, mode, overflow_in):
+    model, (x, y) = mlp(), batch()
+    twin = copy.deepcopy(model)
     before = flat(model).clone()
-    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    options = dict(lr=0.1, momentum=0.9)
+    opt = SAM(model.parameters(), torch.optim.SGD, **options)
     calls = []
 
     def exploding_loss(outputs, targets):
         calls.append(1)
         loss = loss_fn(outputs, targets)
-        perturbed_pass = len(calls) > (1 if mode == "per_micro_batch" else 2)
-        return loss * 1e38 if perturbed_pass == (overflow_in == "perturbed") else loss
+        # finite, but not once scaled by 2^16: what an fp16 overflow looks like to the scaler
+        return loss * 1e305 if PASSES[backend, mode][len(calls) - 1] == overflow_in else loss
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    sam_step(opt, model, exploding_loss, x, y, micro_batches=2, perturbation=mode, scaler=scaler)
+    step = dict(micro_batches=2, perturbation=mode, backend=backend)
+    sam_step(opt, model, exploding_loss, x, y, scaler=scaler, **step)
+    names = PASSES[backend, mode]
+    assert len(calls) > names.index(overflow_in)  # the pass this case names did run and overflow
+    if overflow_in.startswith("clean"):  # no ascent from that gradient: no perturbed pass runs after it
+        assert not any(name.startswith("perturbed") for name in names[names.index(overflow_in) : len(calls)])
     assert torch.equal(flat(model), before)
-    assert scaler.get_scale() == 2.0**15
+    assert scaler.get_scale() == 2.0**15  # backed off once
     assert all(p.grad is None for p in model.parameters())
     assert not opt.perturbed
-    # the next step runs normally, and momentum was not polluted by the skipped one
-    calls.clear()
-    sam_step(opt, model, loss_fn, x, y, scaler=scaler)
-    assert torch.isfinite(flat(model)).all() and not torch.equal(flat(model), before)
+    # the next step equals a fresh optimizer's first step: no momentum from the skipped one, no pending ascent
+    sam_step(opt, model, loss_fn, x, y, scaler=scaler, **step)
+    sam_step(SAM(twin.parameters(), torch.optim.SGD, **options), twin, loss_fn, x, y, **step)
+    torch.testing.assert_close(flat(model), flat(twin), rtol=0, atol=1e-15)
+    assert scaler.get_scale() == 2.0**15
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_on_cpu_trains(dtype):
-    model, (x, y) = mlp(dtype=torch.float32), batch(n=64, dtype=torch.float32)
+def test_autocast_trains(dtype, device):
+    model, (x, y) = mlp(dtype=torch.float32).to(device), batch(n=64, dtype=torch.float32)
+    x, y = x.to(device), y.to(device)
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.5)
-    scaler = torch.amp.GradScaler("cpu") if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
     first = sam_step(opt, model, loss_fn, x, y, micro_batches=2, autocast=dtype, scaler=scaler)
     for _ in range(20):
         last = sam_step(opt, model, loss_fn, x, y, micro_batches=2, autocast=dtype, scaler=scaler)
@@ -188,6 +221,26 @@ def test_interval_runs_one_pass_on_skipped_steps():
         for p in twin.parameters():
             p -= 0.1 * p.grad
     torch.testing.assert_close(flat(model), flat(twin), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,failing_call", [("per_micro_batch", 2), ("per_micro_batch", 4), ("shared", 3)])
+def test_an_error_in_a_perturbed_pass_restores_the_weights(mode, failing_call):
+    model, (x, y) = mlp(), batch()
+    before = flat(model).clone()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    calls = []
+
+    def failing_loss(outputs, targets):
+        calls.append(1)
+        if len(calls) == failing_call:
+            raise MemoryError("out of memory in the perturbed pass")
+        return loss_fn(outputs, targets)
+
+    with pytest.raises(MemoryError):
+        sam_step(opt, model, failing_loss, x, y, micro_batches=2, perturbation=mode)
+    assert not opt.perturbed and torch.equal(flat(model), before)
+    sam_step(opt, model, loss_fn, x, y, micro_batches=2, perturbation=mode)  # and training goes on
+    assert not torch.equal(flat(model), before)
 
 
 def test_non_finite_gradient_without_scaler_raises_and_keeps_the_weights():
@@ -231,3 +284,24 @@ def test_bad_pairings():
     bn = bn_model()
     with pytest.raises(ValueError, match="BatchNorm.*backend='loop'"):
         sam_step(SAM(bn.parameters(), torch.optim.SGD, lr=0.1), bn, loss_fn, x, y, backend="vmap")
+
+
+class DataDependent(torch.nn.Module):
+    """A forward that reads a value out of a tensor: fine in a loop, impossible under vmap."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = mlp()
+
+    def forward(self, x):
+        return self.linear(x) * (2.0 if x.sum().item() > 0 else 1.0)
+
+
+def test_vmap_on_a_model_it_cannot_vectorise_says_why_and_suggests_the_loop():
+    model, (x, y) = DataDependent(), batch()
+    before = flat(model).clone()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(RuntimeError, match="could not vectorise this model.*item.*backend='loop'"):
+        sam_step(opt, model, loss_fn, x, y, micro_batches=2, backend="vmap")
+    assert torch.equal(flat(model), before) and not opt.perturbed
+    sam_step(opt, model, loss_fn, x, y, micro_batches=2)  # the loop handles it

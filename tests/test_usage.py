@@ -53,3 +53,31 @@ def test_the_readme_hand_written_msam_loop_equals_sam_step():
         sam_step(reference, twin, loss_fn, inputs, targets, micro_batches=k)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+def test_the_readme_accumulation_pattern_equals_shared_sam_step_and_plain_sam():
+    model, (inputs, targets) = mlp(), batch(n=24)
+    twin, plain = copy.deepcopy(model), copy.deepcopy(model)
+    optimizer = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    reference = SAM(twin.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    whole = SAM(plain.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    k = 4
+    for _ in range(2):
+        # --- SAM with gradient accumulation: clean gradients first, one first_step, then the perturbed ones ---
+        chunks = list(zip(inputs.chunk(k), targets.chunk(k)))
+        for x, y in chunks:
+            (loss_fn(model(x), y) * len(x) / len(inputs)).backward()
+        optimizer.first_step(zero_grad=True)  # zero_grad: the perturbed gradients must not add to the clean ones
+        for x, y in chunks:
+            with frozen_running_stats(model):
+                (loss_fn(model(x), y) * len(x) / len(inputs)).backward()
+        optimizer.second_step(zero_grad=True)
+        # ---
+        sam_step(reference, twin, loss_fn, inputs, targets, micro_batches=k, perturbation="shared")
+        loss_fn(plain(inputs), targets).backward()
+        whole.first_step(zero_grad=True)
+        loss_fn(plain(inputs), targets).backward()
+        whole.second_step(zero_grad=True)
+    for a, b, c in zip(model.parameters(), twin.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-12)  # accumulation sums in another order

@@ -93,6 +93,9 @@ def perturbation(
         else:
             norm = torch.linalg.vector_norm(stacked, q)
             denominator = norm.pow(q / p) + eps  # (||g~||_q^q)^(1/p)
+        if denominator is not None and eps == 0.0:
+            # without the stabiliser a zero gradient would give 0/0 = NaN; its ε̂ is 0 (a NaN norm stays NaN)
+            denominator = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
         norms.append(norm)
         for i in members:
             target = None if out is None else list(out[i])

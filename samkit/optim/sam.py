@@ -97,6 +97,8 @@ class SAM(Optimizer):
         self._perturbed: list[Tensor] = []  # parameters currently at w + ε̂
         self._perturbed_saved: list[Tensor] = []  # and their saved w, in the same order
         self._awaiting_second_step = False
+        self._ascent_open = False  # first_step() ran and no restore()/second_step() has followed yet
+        self._skipped_grads: list[tuple[Tensor, Tensor]] = []  # clean gradients kept on a step interval skips
 
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
@@ -182,15 +184,22 @@ class SAM(Optimizer):
 
         ``grads``, if given, lists one gradient (or None) per parameter in param-group order, e.g. the output of
         ``torch.autograd.grad``; ``p.grad`` is then left alone (that is how mSAM accumulates perturbed gradients).
-        On a step that ``interval`` skips, nothing moves and the gradients are kept for ``second_step``.
+        On a step that ``interval`` skips, nothing moves and the clean gradients are kept for ``second_step``:
+        with ``zero_grad=True`` they are set aside, so a loop that runs its second pass anyway hands the base
+        optimizer the gradient at w once, not twice, and a loop that skips it (see ``is_sam_step``) gets them back.
         """
-        if self._perturbed:
+        if self._ascent_open:
             raise RuntimeError(
-                "first_step() called twice without second_step() (or restore()) in between: the weights are "
-                "already perturbed"
+                "first_step() called twice without second_step() (or restore()) in between"
+                + (": the weights are already perturbed" if self._perturbed else "")
             )
         self._awaiting_second_step = True
         if not self.is_sam_step:
+            if zero_grad:
+                params = [t for group in self.param_groups for t in group["params"]]
+                self._skipped_grads = [(t, t.grad) for t in params if t.grad is not None]
+                self.zero_grad()
+            self._ascent_open = True
             return
         groups = self._perturbation_groups(grads)
         params = [t for g in groups for t in g.params]
@@ -216,6 +225,7 @@ class SAM(Optimizer):
                 buffer.copy_(t)
                 t.add_(e)
         self._perturbed, self._perturbed_saved = params, saved
+        self._ascent_open = True
         if zero_grad:
             self.zero_grad()
 
@@ -232,6 +242,7 @@ class SAM(Optimizer):
         """Put back the saved weights (a copy: bit-exact) without stepping. A no-op when nothing is perturbed."""
         params, saved = self._perturbed, self._perturbed_saved
         self._perturbed, self._perturbed_saved = [], []
+        self._ascent_open = False
         if not params:
             return
         if self.foreach:
@@ -250,6 +261,10 @@ class SAM(Optimizer):
         if not self._awaiting_second_step:
             raise RuntimeError("second_step() called without first_step(): call first_step() after the first backward")
         self.restore()
+        skipped, self._skipped_grads = self._skipped_grads, []
+        if all(t.grad is None for t, _ in skipped):  # a skipped step whose loop ran no second pass
+            for t, g in skipped:
+                t.grad = g
         if scaler is None:
             self.base_optimizer.step()
         else:
@@ -264,6 +279,7 @@ class SAM(Optimizer):
     def cancel_step(self) -> None:
         """Abandon the current step: restore the weights and forget the pending first_step (e.g. on an overflow)."""
         self.restore()
+        self._skipped_grads = []
         self._awaiting_second_step = False
 
     @torch.no_grad()
@@ -282,7 +298,11 @@ class SAM(Optimizer):
         sam = self.is_sam_step
         self.first_step(zero_grad=True)
         if sam:
-            closure()
+            try:
+                closure()
+            except BaseException:
+                self.cancel_step()  # never leave the weights at w + ε̂
+                raise
         self.second_step()
         return loss
 

@@ -49,17 +49,19 @@ def test_five_steps_equal_the_reference(adaptive, eta):
     assert max((p.detach() - q.detach()).abs().max() for p, q in zip(model.parameters(), mlp().parameters())) > 1e-3
 
 
-def test_matches_the_common_implementation_bit_for_bit():
-    """Default numerics: stacked per-tensor norms, stabiliser outside, ε = g * (rho / (||g|| + 1e-12))."""
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_matches_the_common_implementation_bit_for_bit(adaptive):
+    """Its numerics, written out: stacked per-tensor norms of (|w| if adaptive else 1) * g, the stabiliser outside,
+    e_w = (w² if adaptive else 1) * g * (rho / (||.|| + 1e-12)), then w + e_w."""
     model, (x, y) = mlp(), batch()
     loss_fn(model(x), y).backward()
     grads = [p.grad.clone() for p in model.parameters()]
     before = [p.detach().clone() for p in model.parameters()]
-    norm = torch.norm(torch.stack([g.norm(p=2) for g in grads]), p=2)
+    norm = torch.norm(torch.stack([((torch.abs(w) if adaptive else 1.0) * g).norm(p=2) for w, g in zip(before, grads)]))
     scale = 0.05 / (norm + 1e-12)
-    expected = [w + g * scale for w, g in zip(before, grads)]
+    expected = [w + (torch.pow(w, 2) if adaptive else 1.0) * g * scale for w, g in zip(before, grads)]
     for foreach in (True, False):
-        opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, foreach=foreach)
+        opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, adaptive=adaptive, foreach=foreach)
         opt.first_step()
         assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expected))
         opt.restore()
@@ -124,6 +126,25 @@ def test_state_dict_round_trip_with_adam_continues_exactly():
     assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
 
 
+def test_state_dict_round_trip_keeps_the_interval_phase():
+    (x, y) = batch()
+    options = dict(interval=2, lr=0.1, momentum=0.9)
+    straight = mlp()
+    two_step(straight, SAM(straight.parameters(), torch.optim.SGD, **options), x, y, 5)
+
+    first = mlp()
+    opt1 = SAM(first.parameters(), torch.optim.SGD, **options)
+    two_step(first, opt1, x, y, 3)
+    saved = copy.deepcopy(opt1.state_dict())
+    resumed = mlp(seed=5)
+    resumed.load_state_dict(first.state_dict())
+    opt2 = SAM(resumed.parameters(), torch.optim.SGD, **options)
+    opt2.load_state_dict(saved)
+    assert not opt2.is_sam_step  # step 4 of 5 is one that interval=2 skips
+    two_step(resumed, opt2, x, y, 2)
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+
+
 def test_scheduler_and_param_groups_act_on_the_base_optimizer():
     model, (x, y) = mlp(), batch()
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
@@ -137,6 +158,9 @@ def test_scheduler_and_param_groups_act_on_the_base_optimizer():
     opt.add_param_group({"params": [extra], "rho": 0.2})
     assert opt.base_optimizer.param_groups[-1]["params"][0] is extra
     assert opt.base_optimizer.param_groups[-1]["rho"] == 0.2 and opt.base_optimizer.param_groups[-1]["lr"] == 0.1
+    extra.grad = torch.ones(3, dtype=torch.float64)
+    opt.zero_grad()  # one zero_grad for both: SAM's groups are the base's
+    assert extra.grad is None
 
 
 def test_built_instance_equals_class():
@@ -176,6 +200,28 @@ def test_per_group_rho_with_a_global_norm():
         torch.testing.assert_close(p.detach() - w, rho * g / norm, rtol=1e-10, atol=1e-14)
 
 
+def test_the_asam_authors_definition_with_param_groups():
+    """T = |w| + 0.01 on weight matrices, T = 1 on biases (the README's param-group recipe), against the formula."""
+    model, (x, y) = mlp(), batch()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    others = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    groups = [{"params": weights}, {"params": others, "adaptive": False}]
+    opt = SAM(groups, torch.optim.SGD, rho=0.5, adaptive=True, eta=0.01, lr=0.1)
+    loss_fn(model(x), y).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    t = {n: w.abs() + 0.01 if n.endswith("weight") else torch.ones_like(w) for n, w in before.items()}
+    norm = torch.sqrt(sum(((t[n] * grads[n]) ** 2).sum() for n in before))
+    opt.first_step()
+    for n, p in model.named_parameters():
+        expected = 0.5 * t[n] ** 2 * grads[n] / (norm + 1e-12)
+        torch.testing.assert_close(p.detach() - before[n], expected, rtol=1e-10, atol=1e-15)
+    # the biases' step is not the one of T = |b| + 0.01: the groups matter
+    bias = model[0].bias.detach() - before["0.bias"]
+    assert not torch.allclose(bias, 0.5 * (before["0.bias"].abs() + 0.01) ** 2 * grads["0.bias"] / norm)
+    opt.restore()
+
+
 def test_interval_skips_the_ascent():
     model_a, (x, y) = mlp(), batch()
     model_b = copy.deepcopy(model_a)
@@ -202,10 +248,83 @@ def test_interval_skips_the_ascent():
     assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
 
 
-def test_params_without_grad_are_untouched_and_zero_grad_gives_zero_epsilon():
+def test_skipped_step_gets_the_clean_gradient_once_whether_or_not_the_loop_runs_its_second_pass():
+    (x, y) = batch()
+    models = [mlp() for _ in range(3)]
+    opts = [SAM(m.parameters(), torch.optim.SGD, interval=2, **SGD_OPTIONS) for m in models]
+    for _ in range(4):
+        # 0: both passes on every step; 1: the second pass only where is_sam_step; 2: the closure API
+        two_step(models[0], opts[0], x, y, 1)
+        sam = opts[1].is_sam_step
+        loss_fn(models[1](x), y).backward()
+        opts[1].first_step(zero_grad=True)
+        if sam:
+            loss_fn(models[1](x), y).backward()
+        opts[1].second_step(zero_grad=True)
+        closure_steps(models[2], opts[2], x, y, 1)
+    # and the plain reference: SAM steps on even steps, base SGD steps on odd ones
+    reference = mlp()
+    ref = SAM(reference.parameters(), torch.optim.SGD, **SGD_OPTIONS)
+    for i in range(4):
+        if i % 2 == 0:
+            two_step(reference, ref, x, y, 1)
+        else:
+            loss_fn(reference(x), y).backward()
+            ref.base_optimizer.step()
+            ref.zero_grad()
+    for model in models:
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+
+@pytest.mark.parametrize("interval", [1, 2])
+def test_first_step_twice_raises_even_when_nothing_moved(interval):
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, interval=interval, lr=0.1)
+    opt._steps_taken = 1  # a step that interval=2 skips; a SAM step for interval=1
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.first_step()  # no parameter has a gradient: nothing moves
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
+    with pytest.raises(RuntimeError, match="first_step\\(\\) called twice"):
+        opt.first_step()
+    opt.restore()
+    opt.first_step()  # restore() ends the ascent: the hand-written mSAM pattern
+    opt.second_step()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))  # no gradient, no move
+
+
+def test_an_error_in_the_closures_second_call_restores_the_weights():
+    model, (x, y) = mlp(), batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyError("boom")
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(KeyError):
+        opt.step(closure)
+    assert not opt.perturbed and all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
+    calls.append(1)  # the next step runs normally
+    opt.step(closure)
+    assert not all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("p", [2, 3, float("inf")])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("eps", [1e-12, 0.0])
+def test_params_without_grad_are_untouched_and_zero_grad_gives_zero_epsilon(foreach, p, adaptive, eps):
     model = mlp()
     frozen = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
-    opt = SAM(list(model.parameters()) + [frozen], torch.optim.SGD, lr=0.1)
+    opt = SAM(
+        list(model.parameters()) + [frozen], torch.optim.SGD, lr=0.1, p=p, adaptive=adaptive, eps=eps, foreach=foreach
+    )
     before = [p.detach().clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -215,15 +334,21 @@ def test_params_without_grad_are_untouched_and_zero_grad_gives_zero_epsilon():
     opt.second_step()
 
 
-def test_non_finite_gradient_raises_and_leaves_the_weights():
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("p", [2, 3, float("inf")])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_gradient_raises_and_leaves_the_weights(foreach, p, bad):
     model, (x, y) = mlp(), batch()
-    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, p=p, foreach=foreach)
     loss_fn(model(x), y).backward()
-    model[0].weight.grad[0, 0] = float("inf")
+    model[0].weight.grad[0, 0] = bad
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(FloatingPointError, match="inf"):
+    with pytest.raises(FloatingPointError, match="inf|nan"):
         opt.first_step()
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
+    assert not opt.perturbed
+    with pytest.raises(RuntimeError, match="without first_step"):  # the failed first_step left nothing pending
+        opt.second_step()
 
 
 @pytest.mark.parametrize(
