@@ -43,3 +43,22 @@ def test_the_flag_comes_back_after_an_error():
     except KeyError:
         pass
     assert bn.track_running_stats
+
+
+def test_instance_norm_buffers_are_kept_too():
+    # InstanceNorm updates its running statistics in training mode even with track_running_stats switched off
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 1), torch.nn.InstanceNorm1d(3, track_running_stats=True))
+    model.double()
+    x = torch.randn(4, 2, 5, dtype=torch.float64)
+    assert has_running_stats(model)
+    reference = copy.deepcopy(model)
+    expected = reference(x)
+    with frozen_running_stats(model):
+        out = model(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    norm = model[1]
+    assert torch.equal(norm.running_mean, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(norm.running_var, torch.ones(3, dtype=torch.float64))
+    assert norm.num_batches_tracked.item() == 0
+    assert not torch.equal(reference[1].running_mean, norm.running_mean)  # the unfrozen pass did move them
