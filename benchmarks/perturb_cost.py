@@ -4,6 +4,9 @@ Two rows, both timed interleaved (``benchmarks.timing``) on parameters whose ``.
 
     perturb_over_sgd_step:   t(SAM.first_step(); SAM.restore()) / t(SGD(momentum).step())
                              on a WRN-16-4's parameters (2.7M in 44 tensors)             target <= 1.5
+    perturb_over_sgd_step_swap: the same with SAM(restore_by="swap"): w + ε̂ built in a second buffer and
+                             swapped in and out with ``param.data = ...`` (no save, no copy back)
+                                                                                         target <= 1.5
     loop_over_foreach_small: t(per-tensor reference first_step + restore) / t(samkit's)
                              on 800 small tensors (biases and 3x3 kernels)               target >= 1.5
 
@@ -40,17 +43,25 @@ def perturb_over_sgd_step(*, width: int = 4, repeats: int = 31, warmup: int = 3,
     params = wide_parameters(width=width, device=device)
     sgd = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
     sam = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM)
+    sam_swap = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM, restore_by="swap")
     sgd.step()  # creates the momentum buffers: later steps are the steady state
 
-    def ascent_and_restore() -> None:
-        sam.first_step()
-        sam.restore()
+    def ascent_and_restore(optimizer) -> None:
+        optimizer.first_step()
+        optimizer.restore()
 
     kernels = _kernels(params, sgd)
-    variants = {"sgd_step": sgd.step, "first_step_restore": ascent_and_restore, "floor": _floor(params), **kernels}
+    variants = {
+        "sgd_step": sgd.step,
+        "first_step_restore": lambda: ascent_and_restore(sam),
+        "first_step_restore_swap": lambda: ascent_and_restore(sam_swap),
+        "floor": _floor(params),
+        **kernels,
+    }
     times = interleaved(variants, repeats=repeats, warmup=warmup)
     return {
         "value": median_ratio(times, "first_step_restore", "sgd_step"),
+        "swap": median_ratio(times, "first_step_restore_swap", "sgd_step"),
         "details": {
             "floor_over_sgd_step": median_ratio(times, "floor", "sgd_step"),
             "samkit_over_floor": median_ratio(times, "first_step_restore", "floor"),
@@ -62,7 +73,8 @@ def perturb_over_sgd_step(*, width: int = 4, repeats: int = 31, warmup: int = 3,
             "ratio_of_minimums": min(times["first_step_restore"]) / min(times["sgd_step"]),
             "kernel_over_sgd_step": {name: median_ratio(times, name, "sgd_step") for name in kernels},
             "minor_page_faults_per_call": {
-                name: minor_page_faults(variants[name]) for name in ("sgd_step", "first_step_restore")
+                name: minor_page_faults(variants[name])
+                for name in ("sgd_step", "first_step_restore", "first_step_restore_swap")
             },
         },
     }

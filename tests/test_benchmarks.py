@@ -34,8 +34,8 @@ TINY = dict(
     hessian_lanczos_max_iter=5, memory_batch_size=8,
 )
 REQUIRED = (
-    "sam_over_sgd_step", "perturb_over_sgd_step", "loop_over_foreach_small", "msam4_over_sam",
-    "hvps_power_over_lanczos", "peak_memory_over_sgd",
+    "sam_over_sgd_step", "perturb_over_sgd_step", "perturb_over_sgd_step_swap", "loop_over_foreach_small",
+    "msam4_over_sam", "hvps_power_over_lanczos", "peak_memory_over_sgd",
 )
 
 

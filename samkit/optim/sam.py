@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 from samkit.optim.perturbation import PerturbationGroup, perturbation
 
 _SAM_OPTIONS = ("rho", "p", "adaptive", "eta")
+RESTORE_BY = ("copy", "swap")
 
 
 def _check_group_options(group: dict) -> None:
@@ -56,6 +57,13 @@ class SAM(Optimizer):
         eps: stabiliser added to the norm (outside it, as the common implementation does).
         interval: only every ``interval``-th step perturbs; the others are plain base steps.
         foreach: use ``torch._foreach_*`` kernels (default) or the plain per-tensor loop.
+        restore_by: how the weights leave and come back to w, both bit-exact. ``"copy"`` (default) perturbs each
+            parameter in its own memory and copies the saved w back: storage never changes, safe for anything.
+            ``"swap"`` computes w + ε̂ in a second buffer and swaps it in with ``param.data = ...``, then swaps w
+            back: no copies, about half the memory traffic of the ascent and restore (BENCHMARKS.md). Use it only
+            when the model reads its parameters through the Parameter objects: NOT with FSDP or other
+            flat-parameter wrappers, nor with tensors that view a parameter's storage, which would keep seeing w
+            during the perturbed pass.
 
     Example (the two-step API)::
 
@@ -80,17 +88,21 @@ class SAM(Optimizer):
         eps: float = 1e-12,
         interval: int = 1,
         foreach: Optional[bool] = None,
+        restore_by: str = "copy",
         **base_kwargs: Any,
     ) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1 (1 = SAM on every step), got {interval!r}")
         if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        if restore_by not in RESTORE_BY:
+            raise ValueError(f"restore_by must be one of {RESTORE_BY}, got {restore_by!r}")
         defaults = dict(rho=rho, p=p, adaptive=adaptive, eta=eta)
         _check_group_options(defaults)
         self.eps = float(eps)
         self.interval = interval
         self.foreach = True if foreach is None else bool(foreach)
+        self.restore_by = restore_by
         self._steps_taken = 0  # SAM's own counter: decides which steps perturb when interval > 1
         self._saved: dict[Tensor, Tensor] = {}  # w before the ascent, keyed by parameter
         self._saved_list: tuple[list, list, list] = ([], [], [])  # last step's (params, buffers, shapes)
@@ -204,7 +216,9 @@ class SAM(Optimizer):
         groups = self._perturbation_groups(grads)
         params = [t for g in groups for t in g.params]
         saved = self._saved_buffers(params)
-        if self.foreach and params:
+        if self.restore_by == "swap":
+            self._swap_in(groups, params, saved)
+        elif self.foreach and params:
             # save w, let ε̂ be computed in the weights' own memory (no temporary), then w = ε̂ + saved
             torch._foreach_copy_(saved, params)
             try:
@@ -224,10 +238,30 @@ class SAM(Optimizer):
             for buffer, t, e in zip(saved, params, (e for eg in epsilons for e in eg)):
                 buffer.copy_(t)
                 t.add_(e)
-        self._perturbed, self._perturbed_saved = params, saved
+        if self.restore_by == "copy":
+            self._perturbed, self._perturbed_saved = params, saved
         self._ascent_open = True
         if zero_grad:
             self.zero_grad()
+
+    def _swap_in(self, groups: list[PerturbationGroup], params: list[Tensor], buffers: list[Tensor]) -> None:
+        """restore_by="swap": buffer = ε̂ + w (bit-exact with w + ε̂), then each parameter's data becomes its buffer."""
+        nested, start = [], 0
+        for group in groups:
+            nested.append(buffers[start : start + len(group.params)])
+            start += len(group.params)
+        _, norm = perturbation(groups, eps=self.eps, foreach=self.foreach, out=nested)
+        if norm is not None and not bool(torch.isfinite(norm)):
+            self._raise_non_finite(norm)  # the weights were never touched
+        if self.foreach and params:
+            torch._foreach_add_(buffers, params)
+        else:
+            for buffer, t in zip(buffers, params):
+                buffer.add_(t)
+        originals = [t.data for t in params]
+        for t, buffer in zip(params, buffers):
+            t.data = buffer
+        self._perturbed, self._perturbed_saved = params, originals
 
     def _raise_non_finite(self, norm: Tensor) -> None:
         self._awaiting_second_step = False
@@ -239,13 +273,16 @@ class SAM(Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put back the saved weights (a copy: bit-exact) without stepping. A no-op when nothing is perturbed."""
+        """Put back the saved weights (bit-exact) without stepping. A no-op when nothing is perturbed."""
         params, saved = self._perturbed, self._perturbed_saved
         self._perturbed, self._perturbed_saved = [], []
         self._ascent_open = False
         if not params:
             return
-        if self.foreach:
+        if self.restore_by == "swap":
+            for t, original in zip(params, saved):
+                t.data = original
+        elif self.foreach:
             torch._foreach_copy_(params, saved)
         else:
             for t, buffer in zip(params, saved):

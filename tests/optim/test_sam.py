@@ -361,6 +361,7 @@ def test_non_finite_gradient_raises_and_leaves_the_weights(foreach, p, bad):
         (dict(interval=0), "interval must be .* got 0"),
         (dict(interval=1.5), "interval must be .* got 1.5"),
         (dict(eps=-1.0), "eps must be .* got -1.0"),
+        (dict(restore_by="subtract"), "restore_by must be one of .* got 'subtract'"),
     ],
 )
 def test_bad_options(kwargs, match):
