@@ -10,8 +10,11 @@ the default of torch's losses), and the plain mean of batch losses when the batc
 |B_b| is the length of the targets (of the inputs when the targets are not a tensor).
 
 A one-shot iterator (a generator) is read into a list once, since every measurement passes over the data
-many times; a re-iterable (a list, a DataLoader) is iterated again on each pass and must yield the same
-examples every time (a shuffling DataLoader is fine, random augmentation is not).
+many times (``flatness_report`` does this once for its four measurements); a re-iterable (a list, a
+DataLoader) is iterated again on each pass and must yield the same examples every time: random
+augmentation is not allowed. A shuffling DataLoader gives the same Hessian in eval mode, but m-sharpness
+depends on which examples share a micro-batch, and train mode (BatchNorm batch statistics, a dropout
+mask seeded per batch index) on which share a batch: pass a fixed order for reproducible numbers.
 """
 
 from __future__ import annotations
@@ -72,6 +75,11 @@ class Batches:
             yield index, _to(inputs, self.device), _to(targets, self.device), size
         if count == 0:
             raise ValueError("data is empty: it yielded no batches; pass at least one (inputs, targets) batch")
+
+
+def reusable(data: Any) -> Any:
+    """``data`` itself, or a list of its batches when it is a one-shot iterator (for several measurements)."""
+    return list(data) if isinstance(data, Iterator) and not _is_batch(data) else data
 
 
 def batch_loss(model: nn.Module, loss_fn: Callable, inputs: Any, targets: Any, *, index: int) -> Tensor:

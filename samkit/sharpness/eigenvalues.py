@@ -9,6 +9,8 @@ eigenvalue of a SAM-trained WRN is far smaller than an SGD-trained one (λmax 1.
         Lanczos with full reorthogonalisation (default)             (lanczos.py)
         or power iteration with deflation, for comparison          (power_iteration.py)
         until ||H u_i − λ_i u_i|| ≤ tol · |λ_i| for the k largest
+        and (Lanczos, k ≥ 2) a run orthogonal to u_1..u_k finds nothing above λ_k
+        (a single Krylov sequence sees a repeated eigenvalue once; the check finds the other copies)
 
 The k largest are algebraic (a negative eigenvalue of large magnitude is not "large"), unlike PyHessian,
 which returns the largest by |λ|.
@@ -47,10 +49,15 @@ class EigenInfo:
     Attributes:
         method: "lanczos" or "power".
         hvps: Hessian-vector products computed (each over ALL batches of data; the same unit for both methods).
-        iterations: Lanczos steps, or power iterations summed over the eigenvalues (both equal ``hvps``).
-        converged: whether every returned pair met ``tol``.
+        iterations: Lanczos steps (the first run and the check runs), or power iterations summed over the
+            eigenvalues. Equal to ``hvps`` except after Lanczos found a repeated eigenvalue: one more HVP
+            each measures the new pair's residual.
+        converged: whether every returned pair met ``tol`` (and, Lanczos with k ≥ 2, the check for missed
+            repeated eigenvalues found none above λ_k).
         tol: the relative residual tolerance asked for.
-        residuals: ||H u_i − λ_i u_i|| for each returned pair (|λ_i − λ| ≤ residual for some eigenvalue λ).
+        residuals: the true ||H u_i − λ_i u_i|| for each returned pair (|λ_i − λ| ≤ residual for some
+            eigenvalue λ). Power iteration tests pairs after the first on the deflated operator, so theirs
+            can exceed tol·|λ_i| by the earlier pairs' residuals (the eigenvalue error is second order).
         loss: L(w), the loss at the weights the Hessian is taken at.
         eigenvectors: the unit eigenvectors u_i as rows (k × n, parameter dtype and device, in the order
             of ``model.parameters()`` restricted to the trainable ones).
@@ -87,9 +94,11 @@ def hessian_eigenvalues(
         data: an ``(inputs, targets)`` batch, or an iterable of batches (mean loss over all examples).
         k: how many eigenvalues (1 <= k <= number of trainable scalars).
         tol: relative residual tolerance, ||H u − λ u|| ≤ tol·|λ| for every returned pair, hence
-            each value within relative ``tol`` of a true eigenvalue. The same test for both methods.
+            each value within relative ``tol`` of a true eigenvalue. The same test for both methods
+            (power: on the operator deflated by the pairs already found, as PyHessian).
             In float32 the HVPs themselves carry ~1e-6 relative error; ask for tol >= 1e-5 there.
-        max_iter: Lanczos: the most HVPs in all. Power: the most HVPs per eigenvalue (as PyHessian).
+        max_iter: Lanczos: the most Lanczos steps (HVPs) in all, the check for missed repeated
+            eigenvalues included. Power: the most HVPs per eigenvalue (as PyHessian).
             Reaching it without meeting ``tol`` gives a RuntimeWarning and ``info.converged = False``.
         method: "lanczos" (full reorthogonalisation; default) or "power" (deflated power iteration).
         seed: seeds the random start vectors (a private generator; the global RNG is untouched).
@@ -133,9 +142,15 @@ def hessian_eigenvalues(
         )
     if not result.converged:
         relative = [r / max(abs(v), 1e-300) for r, v in zip(result.residuals, result.eigenvalues.tolist())]
+        unchecked = method == "lanczos" and all(r <= tol for r in relative)
+        reason = (
+            "the pairs met tol, but the check for missed repeated eigenvalues did not finish"
+            if unchecked
+            else f"relative residuals {[float(f'{r:.3g}') for r in relative]}"
+        )
         warnings.warn(
             f"hessian_eigenvalues ({method}) stopped after {result.hvps} HVPs without reaching tol={tol}: "
-            f"relative residuals {[float(f'{r:.3g}') for r in relative]}; raise max_iter or tol",
+            f"{reason}; raise max_iter or tol",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -25,6 +25,21 @@ The top-k driver stops as soon as the k largest Ritz values all satisfy the rela
 (ARPACK's criterion), which guarantees each θ_i lies within tol·|θ_i| of an eigenvalue of A. Power
 iteration (``power_iteration.py``) uses the same test on its iterate, so HVP counts compare directly.
 
+That test cannot see an eigenvalue the Krylov space has not reached. A single start vector meets each
+eigenspace in one direction only, so a repeated eigenvalue (λ1 = λ2) appears once and the next Ritz value
+(λ3) passes the test in its place. For k ≥ 2 the driver therefore checks its answer by locking:
+
+    U = the k converged Ritz vectors (rows), Θ their values
+    repeat:
+        μ, u = top Ritz pair of a new Lanczos run kept orthogonal to U     (A on the complement of U)
+        if μ ≤ θ_k (within tol): done                                      (nothing above θ_k was missed)
+        lock u as well (U += u), Θ = the k largest of Θ ∪ {μ}
+    for each pair found by a check run: one more HVP for its true residual ||A u − μ u||
+
+The check costs about one more top-1 run; its steps count towards ``max_iter`` (the residual HVPs of
+found pairs come on top). It is skipped when the first run spans R^n (then T holds every eigenvalue with
+its multiplicity). Power iteration with deflation finds repeated eigenvalues by construction.
+
 References: C. Lanczos 1950; G. H. Golub and C. F. Van Loan, Matrix Computations, ch. 10;
 Ghorbani, Krishnan and Xiao, "An investigation into neural net optimization via Hessian eigenvalue
 density", ICML 2019 (Lanczos and SLQ for neural network Hessians).
@@ -65,13 +80,26 @@ class EigenResult:
 class LanczosProcess:
     """The Lanczos recurrence of the module docstring, one ``step()`` (one HVP) at a time."""
 
-    def __init__(self, matvec: Matvec, start: Tensor, *, max_steps: int, generator: Optional[torch.Generator] = None):
+    def __init__(
+        self,
+        matvec: Matvec,
+        start: Tensor,
+        *,
+        max_steps: int,
+        generator: Optional[torch.Generator] = None,
+        locked: Optional[Tensor] = None,
+    ):
+        # locked: orthonormal rows the basis is kept orthogonal to (the process then works on A restricted
+        # to their complement, P A P with P = I − UᵀU).
+        self.locked = locked if locked is not None and locked.shape[0] > 0 else None
+        self.n = start.numel()
+        if self.locked is not None:
+            start = self._deflate(start)
         norm = torch.linalg.vector_norm(start)
         if not norm > 0:
             raise ValueError("the Lanczos start vector must be nonzero")
         self.matvec = matvec
-        self.n = start.numel()
-        self.capacity = min(max_steps, self.n)
+        self.capacity = min(max_steps, self.n - (0 if self.locked is None else self.locked.shape[0]))
         # The basis grows by doubling: a run that converges early never holds max_steps vectors of length n.
         self.basis = start.new_zeros(min(self.capacity, 16), self.n)
         self.basis[0] = start / norm
@@ -94,9 +122,16 @@ class LanczosProcess:
             self.basis = grown
         self.basis[row] = vector
 
+    def _deflate(self, w: Tensor) -> Tensor:
+        for _ in range(2):
+            w = w - self.locked.T @ (self.locked @ w)
+        return w
+
     def _orthogonalize(self, w: Tensor, rows: int) -> Tensor:
         basis = self.basis[:rows]
         for _ in range(2):
+            if self.locked is not None:
+                w = w - self.locked.T @ (self.locked @ w)
             w = w - basis.T @ (basis @ w)
         return w
 
@@ -154,6 +189,39 @@ class LanczosProcess:
         return values, vectors, residuals.sqrt()
 
 
+def _top_pairs(
+    matvec: Matvec,
+    start: Tensor,
+    k: int,
+    *,
+    tol: float,
+    max_steps: int,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    scale: float = 0.0,
+    locked: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, bool, LanczosProcess]:
+    """One Lanczos run until its k largest Ritz pairs pass the residual test, or it is exhausted.
+
+    Returns the values (descending, float64 CPU), the Ritz vectors (rows), their residual norms, whether
+    the test passed, and the process (for its HVP and step counts).
+    """
+    process = LanczosProcess(matvec, start, max_steps=max_steps, generator=generator, locked=locked)
+    while True:
+        process.step()
+        if process.steps < k and not process.exhausted:
+            continue
+        values, vectors, residuals = process.ritz()
+        top = torch.arange(values.numel() - 1, values.numel() - 1 - k, -1)
+        floor_scale = max(values.abs().max().item(), scale)
+        converged = relative_tolerance_met(residuals[top], values[top], floor_scale, tol, dtype)
+        if converged or process.exhausted:
+            break
+    basis = process.basis[: process.steps]
+    ritz_vectors = vectors[:, top].T.to(dtype=basis.dtype, device=basis.device) @ basis
+    return values[top].clone(), ritz_vectors, residuals[top].clone(), converged, process
+
+
 def lanczos_eigenpairs(
     matvec: Matvec,
     n: int,
@@ -167,29 +235,57 @@ def lanczos_eigenpairs(
 ) -> EigenResult:
     """The k largest (algebraic) eigenpairs of a symmetric operator on R^n, by Lanczos.
 
-    Stops when all k pass the relative residual test, when the basis holds ``max_iter`` vectors (one HVP
-    each), or when it spans R^n (then the result is exact).
+    Stops when all k pass the relative residual test and (for k ≥ 2) a check run on the complement of
+    their vectors finds nothing above the k-th (see the module docstring), when ``max_iter`` HVPs are
+    spent, or when the basis spans R^n (then the result is exact).
     """
-    process = LanczosProcess(
-        matvec, gaussian(n, generator, dtype=dtype, device=device), max_steps=max_iter, generator=generator
+    values, vectors, residuals, converged, process = _top_pairs(
+        matvec, gaussian(n, generator, dtype=dtype, device=device), k,
+        tol=tol, max_steps=max_iter, generator=generator, dtype=dtype,
     )
-    while True:
-        process.step()
-        if process.steps < k and not process.exhausted:
-            continue
-        values, vectors, residuals = process.ritz()
-        top = torch.arange(values.numel() - 1, values.numel() - 1 - k, -1)
-        scale = values.abs().max().item()
-        converged = relative_tolerance_met(residuals[top], values[top], scale, tol, dtype)
-        if converged or process.exhausted:
+    hvps = steps = process.hvps
+    scale = values.abs().max().item()
+    spans_everything = process.exhausted and process.steps == n
+    # Every pair found so far (k from the first run, then one per check run that found a missed one).
+    found_values, found_vectors, found_residuals = values, vectors, residuals
+    from_check = torch.zeros(k, dtype=torch.bool)
+    while k >= 2 and converged and not spans_everything and found_vectors.shape[0] < n:
+        if hvps >= max_iter:
+            converged = False  # no HVP left to check that no eigenvalue above the k-th was missed
             break
-    basis = process.basis[: process.steps]
-    ritz_vectors = vectors[:, top].T.to(dtype=dtype, device=device) @ basis
+        mu, u, r, check_converged, check = _top_pairs(
+            matvec, gaussian(n, generator, dtype=dtype, device=device), 1,
+            tol=tol, max_steps=max_iter - hvps, generator=generator, dtype=dtype, scale=scale, locked=found_vectors,
+        )
+        hvps += check.hvps
+        steps += check.hvps
+        if not check_converged:
+            converged = False  # μ is only a lower bound until it converges: nothing is proved either way
+            break
+        kth = values[-1].item()
+        if mu[0].item() <= kth + tol * max(abs(kth), torch.finfo(dtype).eps ** (2 / 3) * scale):
+            break
+        found_values = torch.cat([found_values, mu])
+        found_vectors = torch.cat([found_vectors, u])
+        found_residuals = torch.cat([found_residuals, r])
+        from_check = torch.cat([from_check, torch.ones(1, dtype=torch.bool)])
+        order = torch.argsort(found_values, descending=True)[:k]
+        values, vectors, residuals = found_values[order], found_vectors[order], found_residuals[order]
+    if bool(from_check.any()):
+        # A check run's residual is that of A on the complement of U: measure the true one (one HVP each).
+        order = torch.argsort(found_values, descending=True)[:k]
+        residuals = residuals.clone()
+        for i, index in enumerate(order.tolist()):
+            if from_check[index]:
+                u = found_vectors[index]
+                residuals[i] = torch.linalg.vector_norm(matvec(u) - found_values[index].item() * u).item()
+                hvps += 1
+        converged = converged and relative_tolerance_met(residuals, values, scale, tol, dtype)
     return EigenResult(
-        eigenvalues=values[top].clone(),
-        eigenvectors=ritz_vectors,
-        hvps=process.hvps,
-        iterations=process.steps,
+        eigenvalues=values.clone(),
+        eigenvectors=vectors,
+        hvps=hvps,
+        iterations=steps,
         converged=converged,
-        residuals=residuals[top].tolist(),
+        residuals=residuals.tolist(),
     )

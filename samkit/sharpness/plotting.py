@@ -6,7 +6,7 @@ caller's process) and are written atomically: a temporary file in the target fol
     2-D landscape:  per model one column: filled contour (log color scale when every loss is > 0)
                     above a 3-D surface; all columns share levels and z-limits
     1-D landscape:  per model one column: loss against the step along the direction; shared y-axis
-    marks:          the model weights w (center, red star, with L(w)) and the lowest grid point (white x)
+    marks:          the model weights w (center, red star, with L(w)) and the lowest grid point (white X)
     spectrum:       the Gaussian-broadened SLQ density on a log axis
 """
 
@@ -75,10 +75,11 @@ def _mark_minimum(ax, landscape, losses: np.ndarray, coords: np.ndarray) -> None
     if lowest != center:
         ax.plot(
             *position(lowest),
-            marker="x",
-            color="white" if landscape.dims == 2 else "black",
-            markeredgewidth=2,
-            markersize=10,
+            marker="X",  # filled, white with a black edge: visible on dark and light colors and in the legend
+            markerfacecolor="white",
+            markeredgecolor="black",
+            markeredgewidth=0.8,
+            markersize=11,
             linestyle="none",
             label=f"lowest grid point, L = {losses[lowest]:.4g}",
         )
@@ -103,7 +104,7 @@ def _plot_2d(figure: Figure, landscapes, titles) -> None:
     levels, norm, low, high = _levels(arrays)
     for column, (land, losses, title) in enumerate(zip(landscapes, arrays, titles)):
         coords = land.coords.numpy()
-        # losses[i, j] is at (coords[i], coords[j]): direction 1 on the x axis, so transpose for contourf.
+        # losses[i, j] is at (coords[i], coords[j]): "ij" meshes put direction 1 on the x axis, no transpose.
         x, y = np.meshgrid(coords, coords, indexing="ij")
         shown = np.clip(np.where(np.isfinite(losses), losses, high), low, high)
         ax = figure.add_subplot(2, count, column + 1)
@@ -116,16 +117,30 @@ def _plot_2d(figure: Figure, landscapes, titles) -> None:
         ax.set_aspect("equal")
         ax.set_title(f"{title}\ncontour of the loss" if title else "contour of the loss")
         _mark_minimum(ax, land, losses, coords)
-        surface = figure.add_subplot(2, count, count + column + 1, projection="3d")
-        surface.plot_surface(x, y, shown, cmap="viridis", norm=norm, linewidth=0, antialiased=True, alpha=0.9)
-        surface.scatter(
-            [0.0], [0.0], [land.center_loss], color="red", marker="*", s=120, depthshade=False, label="model weights w"
+        # computed_zorder=False: the markers are drawn over the surface instead of hidden under it
+        surface = figure.add_subplot(2, count, count + column + 1, projection="3d", computed_zorder=False)
+        surface.plot_surface(
+            x, y, shown, cmap="viridis", norm=norm, linewidth=0, antialiased=True, alpha=0.9, zorder=1
         )
+        surface.scatter(
+            [0.0], [0.0], [land.center_loss], color="red", marker="*", s=160, depthshade=False, zorder=3,
+            edgecolors="white", linewidths=0.8, label="model weights w",
+        )
+        lowest = np.unravel_index(np.argmin(np.where(np.isfinite(losses), losses, np.inf)), losses.shape)
+        if tuple(int(i) for i in lowest) != (land.center,) * 2:
+            surface.scatter(
+                [coords[lowest[0]]], [coords[lowest[1]]], [losses[lowest]], color="white", marker="X", s=90,
+                depthshade=False, zorder=3, edgecolors="black", linewidths=0.8, label="lowest grid point",
+            )
         surface.set_zlim(low, high)
         surface.set_xlabel("direction 1")
         surface.set_ylabel("direction 2")
-        surface.set_zlabel("loss")
-        surface.set_title("surface of the loss (same scale for every column)")
+        surface.set_zlabel("loss", labelpad=10)
+        try:
+            surface.set_box_aspect(None, zoom=0.85)  # room for the z label inside the column
+        except TypeError:  # matplotlib < 3.6 has no zoom: the label may touch the column's edge
+            pass
+        surface.set_title("surface of the loss" + (" (same z-scale in every column)" if count > 1 else ""))
         surface.legend(loc="upper left", fontsize=8)
 
 
@@ -175,14 +190,19 @@ def plot_landscapes(
     if len(dims) != 1:
         raise ValueError(f"landscapes must all have the same dims to share a picture, got dims {sorted(dims)}")
     _png_path(path)
-    if dims.pop() == 2:
+    return save_png(landscape_figure(landscapes, titles), path)
+
+
+def landscape_figure(landscapes: Sequence[object], titles: Sequence[str]) -> Figure:
+    """The matplotlib Figure that ``plot_landscapes`` writes (one column per landscape, same ``dims``)."""
+    if {land.dims for land in landscapes} == {2}:
         figure = Figure(figsize=(6.0 * len(landscapes), 10.5))
         _plot_2d(figure, landscapes, titles)
     else:
         figure = Figure(figsize=(5.5 * len(landscapes), 4.5))
         _plot_1d(figure, landscapes, titles)
     figure.tight_layout()
-    return save_png(figure, path)
+    return figure
 
 
 def plot_spectrum(spectrum, path, *, title: Optional[str] = None, sigma: Optional[float] = None) -> Path:

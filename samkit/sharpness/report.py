@@ -7,7 +7,8 @@
     m_sharpness     worst (projected ascent) and average (random ε) over micro-batches of size m
     hvps            HVPs spent in all (eigenvalues + trace), and each part
 
-Every part uses the same ``seed``, ``train_mode`` and data, and the model is left exactly as found.
+Every part uses the same ``seed``, ``train_mode`` and data (a generator is read into a list once), and the
+model is left exactly as found.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
 
+from samkit.sharpness.batches import reusable
 from samkit.sharpness.checks import trainable_parameters
 from samkit.sharpness.eigenvalues import hessian_eigenvalues
 from samkit.sharpness.m_sharpness import m_sharpness
@@ -63,6 +65,7 @@ def flatness_report(
         >>> sorted(r)[:3]
         ['eigenvalues', 'eigenvalues_converged', 'hvps']
     """
+    data = reusable(data)  # a generator would be used up by the first of the four measurements
     common = {"seed": seed, "train_mode": train_mode}
     values, eig = hessian_eigenvalues(
         model, loss_fn, data, k, tol=tol, max_iter=max_iter, method=method, info=True, **common

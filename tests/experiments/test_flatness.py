@@ -61,3 +61,21 @@ def test_sharpness_and_landscape_commands_write_their_files(finished_run):
     assert json.loads((out / "sharpness.json").read_text())["eigenvalues"] == report["eigenvalues"]
     path = run_landscape(out, examples=64, steps=5)
     assert path == open_run(out).path / "landscape.png" and path.stat().st_size > 1000
+
+
+def test_samkit_sharpness_and_landscape_commands(finished_run, capsys):
+    from samkit.cli import main
+
+    out, _ = finished_run
+    assert main(["sharpness", str(out), "--examples", "64", "--k", "3", "--micro-batch-size", "16"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "sharpness.json").read_text())
+    assert len(saved["eigenvalues"]) == 3 and saved["micro_batch_size"] == 16 and saved["examples"] == 64
+    for key in ("eigenvalues", "lambda_ratio", "trace", "m_sharpness_worst", "m_sharpness_average", "hvps"):
+        assert f"{key}: " in printed
+    assert saved["eigenvalues"] == sorted(saved["eigenvalues"], reverse=True)
+    assert saved["m_sharpness_worst"] >= saved["m_sharpness_average"] >= 0
+    assert main(["landscape", str(out), "--examples", "64", "--steps", "5"]) == 0
+    path = open_run(out).path / "landscape.png"
+    assert f"landscape: {path}" in capsys.readouterr().out
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -78,10 +78,15 @@ class Quadratic(nn.Module):
         return self.w
 
 
-def quadratic_loss(eigenvalues: list[float]):
+def quadratic_matrix(eigenvalues: list[float]) -> torch.Tensor:
+    """Q diag(eigenvalues) Qᵀ with a seeded random orthogonal Q: the spectrum is known by construction."""
     q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), dtype=torch.float64,
                                        generator=torch.Generator().manual_seed(3)))
-    a = q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+    return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+
+
+def quadratic_loss(eigenvalues: list[float]):
+    a = quadratic_matrix(eigenvalues)
     return lambda w, _: 0.5 * w @ a @ w
 
 
@@ -136,3 +141,74 @@ def test_max_iter_reached_warns_and_says_so(setup):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hessian_eigenvalues(model, loss_fn, batches, k=1, tol=1e-4)
+
+
+REPEATED = {
+    "lambda1=lambda2": [3.0, 3.0, 2.0, 1.0, 0.5, -0.5, 0.1, 0.2],
+    "lambda1=lambda2=lambda3, n=44": [3.0, 3.0, 3.0, 1.0] + [0.01 * i for i in range(40)],
+}
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+@pytest.mark.parametrize("name", sorted(REPEATED))
+def test_repeated_top_eigenvalues_are_reported_with_their_multiplicity(method, name):
+    # One Krylov sequence meets an eigenspace in one direction only: without the locking check Lanczos
+    # reported [3, 2, 1] for [3, 3, 2, ...] and called it converged.
+    spectrum = REPEATED[name]
+    calls = {"count": 0}
+    quadratic = quadratic_loss(spectrum)
+
+    def loss(w, y):
+        calls["count"] += 1
+        return quadratic(w, y)
+
+    values, info = hessian_eigenvalues(
+        Quadratic(len(spectrum)), loss, (torch.zeros(1), torch.zeros(1)), k=3, method=method, max_iter=2000,
+        info=True,
+    )
+    expected = torch.tensor(sorted(spectrum, reverse=True)[:3], dtype=torch.float64)
+    assert info.converged
+    assert ((values - expected).abs() / expected).max().item() <= 1e-6, values
+    a = quadratic_matrix(spectrum)
+    for value, vector, residual in zip(values.tolist(), info.eigenvectors, info.residuals):
+        true_residual = torch.linalg.vector_norm(a @ vector - value * vector).item()
+        assert true_residual == pytest.approx(residual, abs=1e-10)  # the reported residual is the true one
+        if method == "lanczos":  # power tests pairs 2..k on the deflated operator (see power_iteration.py)
+            assert true_residual <= TOL * abs(value) + 1e-12
+    assert abs(info.eigenvectors @ info.eigenvectors.T - torch.eye(3, dtype=torch.float64)).max().item() < 1e-8
+    assert calls["count"] == 1 + info.hvps  # L(w) once, then one forward per HVP (a single batch)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_reported_hvps_are_the_hvps_computed(setup, method):
+    # Counted independently: every HVP runs one forward pass per batch, after one pass for L(w).
+    model, batches, _ = setup
+    calls = {"count": 0}
+
+    def counting_loss(out, y):
+        calls["count"] += 1
+        return loss_fn(out, y)
+
+    _, info = hessian_eigenvalues(model, counting_loss, batches, k=3, tol=TOL, max_iter=3000, method=method, info=True)
+    assert info.hvps > 3
+    assert calls["count"] == len(batches) * (1 + info.hvps)
+
+
+def test_a_budget_too_small_for_the_multiplicity_check_is_not_called_converged():
+    # λ1 = λ2: with fewer Lanczos steps than the checked answer needs, the result must say it is unchecked
+    # (for some budgets the first run alone met tol with [3, 2]: the wrong answer, which must not pass).
+    spectrum = REPEATED["lambda1=lambda2"]
+    data = (torch.zeros(1), torch.zeros(1))
+    values, full = hessian_eigenvalues(Quadratic(len(spectrum)), quadratic_loss(spectrum), data, k=2, info=True)
+    assert full.converged and values.tolist() == pytest.approx([3.0, 3.0], rel=1e-6)
+    messages = []
+    for budget in range(2, full.iterations):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, info = hessian_eigenvalues(
+                Quadratic(len(spectrum)), quadratic_loss(spectrum), data, k=2, max_iter=budget, info=True
+            )
+        assert not info.converged, budget
+        messages += [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == full.iterations - 2
+    assert any("check for missed repeated eigenvalues did not finish" in m for m in messages)

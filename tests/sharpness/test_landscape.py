@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from samkit.sharpness import hessian_eigenvalues, loss_landscape, plot_landscapes
+from samkit.sharpness import Landscape, hessian_eigenvalues, loss_landscape, plot_landscapes
+from samkit.sharpness.plotting import landscape_figure
 from tests.sharpness.reference import flat_weights, loss_at, loss_fn, tiny_data, tiny_mlp, train
 
 
@@ -119,3 +120,61 @@ def test_plot_errors(tmp_path):
     with pytest.raises(ValueError, match="landscapes is empty"):
         plot_landscapes([], tmp_path / "x.png")
     assert not any(tmp_path.iterdir())
+
+
+def bowl(dims: int, offset: float = 0.5, steps: int = 5) -> Landscape:
+    """A hand-made landscape, lowest at coords (offset, −offset): not at the center, so both marks show."""
+    coords = torch.linspace(-1, 1, steps, dtype=torch.float64)
+    if dims == 1:
+        losses = (coords - offset) ** 2 + 0.1
+    else:
+        losses = (coords[:, None] - offset) ** 2 + (coords[None, :] + offset) ** 2 + 0.1
+    center = float(losses[(steps // 2,) * dims])
+    return Landscape(coords=coords, losses=losses, center_loss=center, dims=dims, span=1.0, directions=[])
+
+
+def marker_lines(ax, marker):
+    return [line for line in ax.get_lines() if line.get_marker() == marker]
+
+
+def test_2d_picture_has_contour_and_surface_labelled_with_the_marks():
+    lands = [bowl(2), bowl(2, offset=0.0)]
+    figure = landscape_figure(lands, ["SGD", "SAM"])
+    flat = [ax for ax in figure.axes if ax.get_xlabel().startswith("step along direction 1")]
+    surfaces = [ax for ax in figure.axes if ax.name == "3d"]
+    assert len(flat) == 2 and len(surfaces) == 2
+    colorbars = [ax for ax in figure.axes if ax not in flat and ax not in surfaces]
+    assert len(colorbars) == 2 and all(ax.get_ylabel().startswith("loss") for ax in colorbars)
+    for ax, land, title in zip(flat, lands, ["SGD", "SAM"]):
+        assert ax.get_ylabel().startswith("step along direction 2") and ax.get_title().startswith(title)
+        assert len(ax.collections) > 0  # the filled contour and its lines
+        (star,) = marker_lines(ax, "*")
+        assert list(star.get_xdata()) == [0.0] and list(star.get_ydata()) == [0.0]
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert legend[0] == f"model weights w, L(w) = {land.center_loss:.4g}"
+    # the first bowl's lowest grid point is (0.5, -0.5), away from w: marked with an X on the contour
+    (lowest,) = marker_lines(flat[0], "X")
+    assert list(lowest.get_xdata()) == [0.5] and list(lowest.get_ydata()) == [-0.5]
+    assert marker_lines(flat[1], "X") == []  # the second's lowest point IS w: nothing more to mark
+    for ax in surfaces:
+        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_zlabel() == "loss"
+        assert any(type(c).__name__ == "Poly3DCollection" for c in ax.collections)
+        assert "model weights w" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "lowest grid point" in [t.get_text() for t in surfaces[0].get_legend().get_texts()]
+    assert surfaces[0].get_zlim() == surfaces[1].get_zlim()  # one z-scale for the side-by-side columns
+
+
+def test_1d_picture_is_labelled_with_the_marks():
+    land = bowl(1)
+    figure = landscape_figure([land, bowl(1, offset=0.0)], ["SGD", "SAM"])
+    assert len(figure.axes) == 2
+    ax = figure.axes[0]
+    assert ax.get_xlabel().startswith("step along direction 1") and ax.get_ylabel() == "loss"
+    assert ax.get_title() == "SGD"
+    curve = [line for line in ax.get_lines() if len(line.get_xdata()) == 5]
+    assert curve and list(curve[0].get_ydata()) == land.losses.tolist()
+    (star,) = marker_lines(ax, "*")
+    assert list(star.get_xdata()) == [0.0] and list(star.get_ydata()) == [land.center_loss]
+    (lowest,) = marker_lines(ax, "X")
+    assert list(lowest.get_xdata()) == [0.5] and list(lowest.get_ydata()) == [0.1]
+    assert figure.axes[0].get_ylim() == figure.axes[1].get_ylim()

@@ -149,3 +149,13 @@ def test_micro_batches_never_cross_batches():
     assert info["micro_batches"] == 5 and info["left_out_examples"] == 4
     with pytest.raises(ValueError, match="micro_batch_size=16 is larger than every batch.*14"):
         m_sharpness(model, loss_fn, batches, micro_batch_size=16)
+
+
+def test_average_case_is_seeded():
+    # The random ε come from a private generator seeded with `seed`: same seed, same value; another, another.
+    model = tiny_mlp()
+    x, y = tiny_data(size=24)
+    a = m_sharpness(model, loss_fn, (x, y), micro_batch_size=8, kind="average", samples=2, seed=3)
+    b = m_sharpness(model, loss_fn, (x, y), micro_batch_size=8, kind="average", samples=2, seed=3)
+    c = m_sharpness(model, loss_fn, (x, y), micro_batch_size=8, kind="average", samples=2, seed=4)
+    assert a == b and a != c
