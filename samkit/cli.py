@@ -17,8 +17,17 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from samkit.experiments.config import AMP_DTYPES, BASE_OPTIMIZERS, OPTIMIZERS, SCHEDULES, TrainConfig
-from samkit.experiments.distributed import DEVICES
+from samkit.experiments.config import (
+    AMP_DTYPES,
+    BASE_OPTIMIZERS,
+    DEFAULT_LR,
+    DEFAULT_MICRO_BATCHES,
+    DEFAULT_RHO,
+    OPTIMIZERS,
+    SCHEDULES,
+    TrainConfig,
+)
+from samkit.experiments.distributed import DEVICES, is_main_process
 
 # TrainConfig fields set by the shared training options, with the type each value is parsed to
 _FIELDS: dict[str, Callable[[str], Any]] = {
@@ -74,31 +83,66 @@ def _seeds(text: str) -> list[int]:
     return list(range(count))
 
 
+def _default(name: str, text: str = "") -> str:
+    """``text`` plus the TrainConfig default of field ``name``, so --help shows what an omitted option means."""
+    value = getattr(TrainConfig(), name)
+    shown = "none" if value is None else value
+    return f"{text} (default {shown})" if text else f"default {shown}"
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training options (defaults: see `samkit train --help`)")
-    group.add_argument("--data", help="dataset: digits, fashion-mnist, synthetic")
-    group.add_argument("--model", help="model: mlp, cnn, cnn-bn, wrn-D-W[-nobn], resnetD")
-    group.add_argument("--epochs", type=int)
-    group.add_argument("--lr", type=_float_list, help="learning rate (compare: a list, chosen on validation)")
-    group.add_argument("--rho", type=_float_list, help="SAM radius (compare: a list, chosen on validation)")
-    group.add_argument("--momentum", type=float)
-    group.add_argument("--weight-decay", type=float)
-    group.add_argument("--batch-size", type=int, help="the global batch (split over torchrun processes)")
-    group.add_argument("--schedule", choices=SCHEDULES)
-    group.add_argument("--micro-batches", type=int, help="mSAM: the NUMBER of micro-batches K per batch")
-    group.add_argument("--base-optimizer", choices=BASE_OPTIMIZERS, help="the step SAM wraps (default sgd)")
-    group.add_argument("--label-smoothing", type=float)
-    group.add_argument("--mixup", type=float, metavar="ALPHA")
-    group.add_argument("--label-noise", type=float, metavar="RATE", help="flip this fraction of training labels")
-    group.add_argument("--augment", help="none, basic, cutout")
-    group.add_argument("--subset", type=int, metavar="N", help="train on N examples of the training set")
-    group.add_argument("--val-fraction", type=float, help="hold out this fraction of training data")
-    group.add_argument("--data-seed", type=int, help="seed of the split and the label noise (default 0)")
-    group.add_argument("--data-dir", help="where to look for dataset files (fashion-mnist)")
-    group.add_argument("--max-grad-norm", type=float, help="clip the step's gradient to this global norm")
-    group.add_argument("--amp", choices=tuple(AMP_DTYPES), help="mixed precision: bf16, or fp16 with loss scaling")
-    group.add_argument("--track-hessian", type=int, metavar="N", help="record lambda_max every N epochs")
-    group.add_argument("--device", choices=DEVICES, default="auto")
+    group = parser.add_argument_group(
+        "training options (the defaults are `samkit train`'s; `samkit compare` with none of them runs its own job)"
+    )
+    lr_default = ", ".join(f"{value:g} for {name}-based" for name, value in DEFAULT_LR.items())
+    rho_default = ", ".join(f"{value:g} for {name}" for name, value in DEFAULT_RHO.items())
+    group.add_argument("--data", help=_default("data", "dataset: digits, fashion-mnist, synthetic"))
+    group.add_argument("--model", help=_default("model", "model: mlp, cnn, cnn-bn, wrn-D-W[-nobn], resnetD"))
+    group.add_argument("--epochs", type=int, help=_default("epochs"))
+    group.add_argument(
+        "--lr", type=_float_list, help=f"learning rate (default {lr_default}; compare: a list, chosen on validation)"
+    )
+    group.add_argument(
+        "--rho", type=_float_list, help=f"SAM radius (default {rho_default}; compare: a list, chosen on validation)"
+    )
+    group.add_argument("--momentum", type=float, help=_default("momentum", "SGD momentum"))
+    group.add_argument("--weight-decay", type=float, help=_default("weight_decay", "in the base optimizer"))
+    group.add_argument(
+        "--batch-size", type=int, help=_default("batch_size", "the global batch (split over torchrun processes)")
+    )
+    group.add_argument("--schedule", choices=SCHEDULES, help=_default("schedule"))
+    group.add_argument(
+        "--micro-batches",
+        type=int,
+        help=f"mSAM: the NUMBER of micro-batches K per batch (default {DEFAULT_MICRO_BATCHES}; msam only)",
+    )
+    group.add_argument(
+        "--base-optimizer", choices=BASE_OPTIMIZERS, help=_default("base_optimizer", "the step SAM wraps")
+    )
+    group.add_argument("--label-smoothing", type=float, help=_default("label_smoothing"))
+    group.add_argument("--mixup", type=float, metavar="ALPHA", help=_default("mixup", "Beta(ALPHA, ALPHA) mixup"))
+    group.add_argument(
+        "--label-noise", type=float, metavar="RATE", help=_default("label_noise", "flip this fraction of train labels")
+    )
+    group.add_argument("--augment", help=_default("augment", "none, basic, cutout"))
+    group.add_argument(
+        "--subset", type=int, metavar="N", help="train on N examples of the training set (default all)"
+    )
+    group.add_argument(
+        "--val-fraction", type=float, help=_default("val_fraction", "hold out this fraction of training data")
+    )
+    group.add_argument("--data-seed", type=int, help=_default("data_seed", "seed of the split and the label noise"))
+    group.add_argument("--data-dir", help="where to look first for dataset files (fashion-mnist)")
+    group.add_argument(
+        "--max-grad-norm", type=float, help=_default("max_grad_norm", "clip the step's gradient to this global norm")
+    )
+    group.add_argument(
+        "--amp", choices=tuple(AMP_DTYPES), help=_default("amp", "mixed precision: bf16, or fp16 with loss scaling")
+    )
+    group.add_argument(
+        "--track-hessian", type=int, metavar="N", help="record lambda_max every N epochs (default never)"
+    )
+    group.add_argument("--device", choices=DEVICES, default="auto", help="default auto: cuda if available")
     group.add_argument(
         "--threads",
         type=int,
@@ -189,7 +233,7 @@ def _run_train(args: argparse.Namespace) -> int:
     summary = train(
         config, args.out, device=args.device, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet
     )
-    if not args.quiet:
+    if not args.quiet and is_main_process():  # under torchrun every rank returns here; rank 0 wrote the files
         print(f"summary: {args.out / 'summary.json'}")
     return 0 if summary["status"] == "ok" else 1
 

@@ -71,3 +71,40 @@ def test_compare_with_options_starts_from_train_defaults_not_the_readme_job(tmp_
     assert (config["label_noise"], config["data"], config["model"]) == (0.0, "synthetic", "mlp")
     printed = capsys.readouterr().out
     assert "report: " in printed and "plot: " in printed
+
+
+def test_compare_with_no_options_is_the_readme_job(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    compare_module = importlib.import_module("samkit.experiments.compare")  # the package re-exports the function
+
+    calls = []
+
+    def record(base, out, **options):
+        calls.append((base, options))
+        plot = tmp_path / "test_error.png"
+        return compare_module.CompareResult([], tmp_path / "report.md", tmp_path / "results.csv", [plot], "TABLE")
+
+    monkeypatch.setattr(compare_module, "compare", record)
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare"]) == 0
+    (base, options), = calls
+    assert (base.data, base.model) == ("digits", "mlp") and base.label_noise > 0
+    assert tuple(options["optimizers"]) == ("sgd", "sam", "msam") and len(options["seeds"]) >= 3
+    assert options["lrs"] is None and options["rhos"] is None
+    printed = capsys.readouterr().out.rstrip().splitlines()
+    assert "TABLE" in printed and printed[-1] == f"plot: {tmp_path / 'test_error.png'}"
+
+
+def test_help_shows_what_an_omitted_training_option_means(capsys):
+    from samkit.experiments.config import DEFAULT_LR, DEFAULT_RHO, TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split()).split("training options", 1)[1]  # argparse wraps lines
+    defaults = TrainConfig()
+    for option, field in (("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--weight-decay", "weight_decay"),
+                          ("--model", "model"), ("--data", "data"), ("--momentum", "momentum")):
+        help_text = shown.split(f"{option} {field.upper()}", 1)[1].split(" --", 1)[0]
+        assert f"default {getattr(defaults, field)}" in help_text, (option, help_text)
+    assert f"{DEFAULT_LR['sgd']:g} for sgd-based" in shown and f"{DEFAULT_RHO['asam']:g} for asam" in shown

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 from urllib.request import urlopen
@@ -159,6 +160,14 @@ def locate(data_dir: Optional[PathLike] = None, *, download_missing: bool = True
     for folder in searched:
         found = find_files(folder)
         if found is not None:
+            if data_dir is not None and folder != Path(data_dir):
+                # the search order goes on past --data-dir, but a user who named a folder should hear it was not used
+                warnings.warn(
+                    f"--data-dir {os.fspath(data_dir)!r} holds no complete Fashion-MNIST (the four files "
+                    f"{', '.join(FASHION_FILES)}, .gz or raw); using {str(folder)!r} instead",
+                    UserWarning,
+                    stacklevel=2,
+                )
             return found
     if not download_missing:
         raise DatasetNotFoundError(how_to_get_it(searched, "download disabled"))

@@ -44,6 +44,9 @@ _GZIP_MAGIC = b"\x1f\x8b"
 def _read_bytes(path: PathLike) -> bytes:
     with open(path, "rb") as f:
         raw = f.read()
+    if not raw:
+        raise ValueError(f"{os.fspath(path)!r} is empty (0 bytes): the file was not written or a download was "
+                         "cut short; delete it and get it again")
     if not raw.startswith(_GZIP_MAGIC):
         if os.fspath(path).endswith(".gz") and raw[:2] != b"\x00\x00":
             raise ValueError(f"{os.fspath(path)!r} is named .gz but is not gzip-compressed (it starts with "

@@ -79,11 +79,23 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def _world_rank_local() -> tuple[int, int, int]:
+    """(WORLD_SIZE, RANK, LOCAL_RANK) as torchrun sets them; a lone RANK without WORLD_SIZE > 1 (left over in
+    a cluster shell, say) is ignored, or a single process would think it is not rank 0 and write nothing."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 1, 0, 0
+    return world_size, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """True in a single process and on rank 0 under torchrun: the process that writes and prints."""
+    return _world_rank_local()[1] == 0
+
+
 def setup(device: str = "auto") -> Context:
     """Join the process group if torchrun started us, and pick this rank's device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size, rank, local_rank = _world_rank_local()
     resolved = resolve_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")

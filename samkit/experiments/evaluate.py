@@ -21,6 +21,7 @@ import torch
 from samkit.experiments.files import write_json, write_text
 from samkit.experiments.inputs import load_config_dataset
 from samkit.experiments.metrics import evaluate
+from samkit.experiments.rundir import CORRUPTIONS_CSV, EVALUATION
 from samkit.experiments.runs import open_run
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -70,8 +71,8 @@ def evaluate_run(
         csv_lines = ["corruption,severity,accuracy"] + [
             f"{r['corruption']},{r['severity']},{r['accuracy']}" for r in table
         ]
-        write_text(run.path / "corruptions.csv", "\n".join(csv_lines) + "\n")
-    write_json(run.path / "evaluation.json", result)
+        write_text(run.path / CORRUPTIONS_CSV, "\n".join(csv_lines) + "\n")
+    write_json(run.path / EVALUATION, result)
     return result
 
 

@@ -43,6 +43,7 @@ def learning_curves(metrics: Sequence[dict[str, Any]], path: Path, *, title: str
     loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     error_axis.set(xlabel="epoch", ylabel="error (%)", title="error")
     for axis in (loss_axis, error_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend()
     if title:
@@ -59,6 +60,7 @@ def hessian_evolution(metrics: Sequence[dict[str, Any]], path: Path, *, title: s
     ratio_axis.plot(epochs, _column(rows, "lambda_ratio"), marker="o", color="tab:orange")
     ratio_axis.set(xlabel="epoch", ylabel="λmax / λ5", title="λmax / λ5")
     for axis in (max_axis, ratio_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     if title:
         figure.suptitle(title)

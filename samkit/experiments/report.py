@@ -5,7 +5,8 @@
         Δ vs baseline  -> mean ± CI of the per-seed differences (paired: same seed = same init and data order)
         diverged / collapsed runs are left out of both and listed under "Excluded runs"
     selection (when a grid has several lr / rho): the value with the best mean validation accuracy over its
-    ok seeds, as the SAM paper tuned rho on a held-out 10 % of the training set.
+    seeds (a collapsed seed counts with its own accuracy, a diverged one as 0; a value with an ok run always
+    beats one without), as the SAM paper tuned rho on a held-out 10 % of the training set.
 
 Rows are plain dicts (one per run) with at least: optimizer, lr, rho, seed, status, status_reason,
 test_error, val_accuracy, run (a label), so the table can be rebuilt from results.csv alone.
@@ -17,7 +18,7 @@ import math
 from typing import Any, Optional, Sequence
 
 from samkit.experiments.stats import MeanCI, mean_ci
-from samkit.experiments.status import OK
+from samkit.experiments.status import DIVERGED, OK
 
 Row = dict[str, Any]
 Setting = tuple[Optional[float], Optional[float]]  # (lr, rho)
@@ -33,16 +34,32 @@ def _ok(rows: Sequence[Row]) -> list[Row]:
     return [row for row in rows if row["status"] == OK]
 
 
-def _mean_val_accuracy(rows: Sequence[Row], setting: Setting) -> float:
-    values = [r["val_accuracy"] for r in _ok(rows) if setting_of(r) == setting and r.get("val_accuracy") is not None]
-    return sum(values) / len(values) if values else -math.inf
+def _selection_score(rows: Sequence[Row], setting: Setting) -> tuple[bool, float]:
+    """(has an ok run, mean validation accuracy over ALL the setting's seeds).
+
+    A collapsed run counts with the validation accuracy it measured, a diverged one (or one without a finite
+    value) with 0: a value that fails on some seeds must not win on the strength of its survivors alone.
+    -inf when an ok run has no validation accuracy (no validation split).
+    """
+    mine = [r for r in rows if setting_of(r) == setting]
+    ok = _ok(mine)
+    if not ok or any(r.get("val_accuracy") is None for r in ok):
+        return bool(ok), -math.inf
+
+    def score(row: Row) -> float:
+        value = row.get("val_accuracy")
+        usable = row["status"] != DIVERGED and value is not None and math.isfinite(float(value))
+        return float(value) if usable else 0.0
+
+    return True, sum(score(r) for r in mine) / len(mine)
 
 
 def select_settings(rows: Sequence[Row]) -> dict[str, Setting]:
-    """Per optimizer, the (lr, rho) with the best mean validation accuracy over its ok runs.
+    """Per optimizer, the (lr, rho) with the best mean validation accuracy over its seeds.
 
     With a single setting it is chosen whatever happened. A setting with no ok run is never chosen over one
-    with ok runs; missing validation accuracy (no val split) only works for single settings.
+    with ok runs, and failed runs count in the mean (see ``_selection_score``); missing validation accuracy
+    (no val split) only works for single settings.
     """
     chosen: dict[str, Setting] = {}
     for optimizer in dict.fromkeys(row["optimizer"] for row in rows):
@@ -52,9 +69,9 @@ def select_settings(rows: Sequence[Row]) -> dict[str, Setting]:
             chosen[optimizer] = settings[0]
             continue
 
-        scores = {setting: _mean_val_accuracy(mine, setting) for setting in settings}
+        scores = {setting: _selection_score(mine, setting) for setting in settings}
         best = max(settings, key=scores.__getitem__)  # max keeps the first of equals: the grid order decides ties
-        if scores[best] == -math.inf and any(r.get("val_accuracy") is None for r in mine):
+        if scores[best][1] == -math.inf and any(r.get("val_accuracy") is None for r in mine):
             raise ValueError(
                 f"{optimizer} has {len(settings)} lr/rho settings but no validation accuracy to choose between "
                 "them: set a validation split (--val-fraction 0.1)"
@@ -143,6 +160,12 @@ def _grid_section(rows: Sequence[Row]) -> list[str]:
     if not multi:
         return []
     lines = ["", "## Selection on the validation split", ""]
+    lines += [
+        "Each optimizer takes the setting with the best validation accuracy averaged over all its seeds (a "
+        "collapsed seed counts with its own accuracy, a diverged one as 0). The columns below average the ok "
+        "runs only.",
+        "",
+    ]
     lines += [
         "| Optimizer | lr | ρ | val accuracy (%) | test error (%) | ok runs | selected |",
         "|---|---|---|---|---|---|---|",

@@ -3,6 +3,9 @@
     DIR/config.json    the resolved TrainConfig        DIR/metrics.jsonl  one line per epoch
     DIR/checkpoint.pt  written atomically every epoch   DIR/summary.json   when training has finished
     DIR/curves.png     learning curves                  DIR/hessian.png    with --track-hessian
+    DIR/label_noise.json  which labels --label-noise flipped
+    written later by `samkit evaluate / sharpness / landscape`: evaluation.json, corruptions.csv,
+    sharpness.json, landscape.png (they describe the trained model, so --overwrite removes them too)
 
 An existing DIR with a config.json is
     refused        when its config differs from the new one (unless --overwrite), naming the differences;
@@ -19,8 +22,10 @@ from typing import Any, Optional
 from samkit.experiments.files import read_json
 
 CONFIG, METRICS, CHECKPOINT, SUMMARY = "config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"
-CURVES_PLOT, HESSIAN_PLOT = "curves.png", "hessian.png"
-RUN_FILES = (CONFIG, METRICS, CHECKPOINT, SUMMARY, CURVES_PLOT, HESSIAN_PLOT)
+CURVES_PLOT, HESSIAN_PLOT, LABEL_NOISE = "curves.png", "hessian.png", "label_noise.json"
+EVALUATION, CORRUPTIONS_CSV = "evaluation.json", "corruptions.csv"
+DERIVED_FILES = (EVALUATION, CORRUPTIONS_CSV, "sharpness.json", "landscape.png")  # the last two: experiments.flatness
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, SUMMARY, CURVES_PLOT, HESSIAN_PLOT, LABEL_NOISE, *DERIVED_FILES)
 
 
 class RunDirError(ValueError):

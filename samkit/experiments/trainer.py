@@ -1,7 +1,7 @@
 """``train``: one run from a ``TrainConfig`` to a folder of results, resumable to the bit.
 
     check config and DIR (rundir)          -> refuse before any work
-    data, labels = load_run_data(config)   (label noise / bootstrap)
+    data, labels = load_run_data(config)   (label noise / bootstrap; the flips -> DIR/label_noise.json)
     torch.manual_seed(seed); model = build_model(...) (+ --init-from weights); optimizer = build_optimizer
     resume: load model, optimizer, scaler, RNG states, metrics from DIR/checkpoint.pt
     for epoch in remaining epochs:
@@ -13,6 +13,8 @@
         append to metrics.jsonl; write checkpoint.pt atomically
     summary.json (with ok / diverged / collapsed), curves.png, hessian.png
 
+Evaluation is in float32 even under --amp (the weights are float32; autocast is a training-speed device), so
+the last line of metrics.jsonl, summary.json and ``samkit evaluate`` report the same test loss and accuracy.
 Train accuracy is measured at the end of each epoch, in eval mode, on the first TRAIN_EVAL_EXAMPLES
 training examples against the labels trained on (noisy ones under --label-noise); train loss is the mean
 of the training objective over the epoch's steps (with smoothing/mixup), as sam_step returns it.
@@ -36,9 +38,9 @@ from tqdm.auto import tqdm
 
 from samkit.experiments import distributed, plots, rundir
 from samkit.experiments.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
-from samkit.experiments.config import AMP_DTYPES, TrainConfig
+from samkit.experiments.config import TrainConfig
 from samkit.experiments.files import read_json, write_json, write_jsonl
-from samkit.experiments.inputs import RunData, load_run_data
+from samkit.experiments.inputs import RunData, label_noise_record, load_run_data
 from samkit.experiments.metrics import evaluate
 from samkit.experiments.optimizers import build_optimizer
 from samkit.experiments.schedule import set_learning_rate
@@ -92,9 +94,11 @@ def check_names(config: TrainConfig) -> None:
     if config.model not in MODELS:
         try:  # the registry also parses sized names beyond its list, e.g. wrn-10-1 or resnet8
             build_model(config.model, in_channels=1, num_classes=2, image_size=8)
-        except ValueError:
+        except ValueError as error:
+            # a sized name of a known family (wrn-15-2) says what is wrong with its size
+            why = "" if str(error).startswith("unknown model") else f" ({error})"
             raise ValueError(
-                f"unknown model {config.model!r}; valid: {', '.join(MODELS)} (and wrn-D-W[-nobn], resnetD)"
+                f"unknown model {config.model!r}{why}; valid: {', '.join(MODELS)} (and wrn-D-W[-nobn], resnetD)"
             ) from None
     if config.augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augment {config.augment!r}; valid: {', '.join(AUGMENTATIONS)}")
@@ -130,7 +134,6 @@ class _Training:
     def __init__(self, config: TrainConfig, out: Path, context: distributed.Context, *, quiet: bool, plot: bool):
         self.config, self.out, self.context, self.quiet, self.plot = config, out, context, quiet, plot
         self.device = context.device
-        self.autocast = AMP_DTYPES.get(config.amp)
         self.metrics: list[dict[str, Any]] = []
         self.epoch = 0
         self.step = 0
@@ -245,6 +248,9 @@ class _Training:
             self._restore(resume_from, model, optimizer, scaler, data)
         elif self.context.is_main:
             write_json(self.out / rundir.CONFIG, config.to_dict())
+            record = label_noise_record(data, data_seed=config.data_seed)
+            if record is not None:
+                write_json(self.out / rundir.LABEL_NOISE, record)
             self._checkpoint(model, optimizer, scaler, data)  # Ctrl-C in epoch 1 still leaves a valid checkpoint
             write_jsonl(self.out / rundir.METRICS, [])
         wrapped = model
@@ -327,7 +333,7 @@ class _Training:
         }
         if not self.context.is_main:
             return row
-        common = {"num_classes": dataset.num_classes, "device": self.device, "autocast": self.autocast}
+        common = {"num_classes": dataset.num_classes, "device": self.device}
         sample = slice(0, TRAIN_EVAL_EXAMPLES)
         row["train_acc"] = evaluate(model, dataset.x_train[sample], data.train_labels[sample], **common).accuracy
         if dataset.x_val is not None:

@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import io
 import urllib.error
+import warnings
 
 import numpy as np
 import pytest
@@ -44,8 +45,11 @@ def test_search_order_data_dir_then_env_then_system(isolated, monkeypatch, tmp_p
     write_fake_fashion(tmp_path / "env" / "fashion-mnist", n_train=12)  # the subfolder layout
     write_fake_fashion(tmp_path / "system", n_train=13, compressed=False)  # raw, uncompressed names
     monkeypatch.setenv("SAMKIT_DATA", str(tmp_path / "env"))
-    assert load_dataset("fashion-mnist", data_dir=tmp_path / "given").x_train.shape[0] == 11
-    assert load_dataset("fashion-mnist", data_dir=tmp_path / "empty").x_train.shape[0] == 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the named folder is used: nothing to warn about
+        assert load_dataset("fashion-mnist", data_dir=tmp_path / "given").x_train.shape[0] == 11
+    with pytest.warns(UserWarning, match=r"--data-dir .*empty.* holds no complete Fashion-MNIST.*using .*env"):
+        assert load_dataset("fashion-mnist", data_dir=tmp_path / "empty").x_train.shape[0] == 12
     monkeypatch.delenv("SAMKIT_DATA")
     assert load_dataset("fashion-mnist").x_train.shape[0] == 13
     assert isolated == []  # no download attempted

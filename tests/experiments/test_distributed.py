@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from samkit.experiments import distributed
 from samkit.experiments.checkpoint import load_checkpoint
 from samkit.experiments.trainer import train
 
@@ -26,11 +27,12 @@ def test_two_ranks_of_sam_equal_one_process_of_two_micro_batches(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
         "-m", "samkit", "train", "--data", "synthetic", "--model", "mlp", "--optimizer", "sam",
-        "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--device", "cpu", "--quiet", "--out", str(out),
+        "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--device", "cpu", "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("summary: ") == 1, done.stdout  # rank 0 alone prints, as it alone writes
 
     train(TINY.replace(optimizer="msam", micro_batches=2, epochs=1), tmp_path / "single", device="cpu", quiet=True)
     distributed, single = load_checkpoint(out), load_checkpoint(tmp_path / "single")
@@ -41,3 +43,15 @@ def test_two_ranks_of_sam_equal_one_process_of_two_micro_batches(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "checkpoint.pt", "config.json", "curves.png", "metrics.jsonl", "summary.json"
     ]  # fmt: skip
+
+
+def test_a_stray_rank_without_a_world_is_a_single_process(monkeypatch):
+    # RANK left over in a shell, without torchrun's WORLD_SIZE: still the process that writes the run
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    context = distributed.setup("cpu")
+    assert (context.rank, context.world_size, context.is_main) == (0, 1, True)
+    assert distributed.is_main_process()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not distributed.is_main_process()

@@ -1,12 +1,15 @@
 """The trainer on `synthetic`: files, determinism, exact resume, out-dir rules, divergence, AMP."""
 
+import io
 import json
+import sys
 
 import pytest
 import torch
 
 from samkit.experiments import trainer as trainer_module
 from samkit.experiments.checkpoint import load_checkpoint
+from samkit.experiments.evaluate import evaluate_run
 from samkit.experiments.rundir import RunDirError
 from samkit.experiments.trainer import TrainingInterrupted, train
 
@@ -121,11 +124,18 @@ def test_mixed_precision_trains_on_cpu(tmp_path, amp):
     )
     assert summary["status"] == "ok"
     assert torch.isfinite(torch.tensor(summary["train_loss"]))
+    # evaluation is in float32 (the weights are float32): the last epoch's line, the summary and
+    # `samkit evaluate` report one number
+    last = json.loads((tmp_path / amp / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (last["test_loss"], last["test_acc"]) == (summary["test_loss"], summary["test_accuracy"])
+    assert evaluate_run(tmp_path / amp)["test_loss"] == summary["test_loss"]
 
 
 def test_bad_names_and_sizes_are_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="unknown model 'vit'; valid: mlp, cnn"):
         train(TINY.replace(model="vit"), tmp_path / "x", device="cpu")
+    with pytest.raises(ValueError, match=r"unknown model 'wrn-15-2' \(WRN depth must be 6n \+ 4.*got 15\); valid: mlp"):
+        train(TINY.replace(model="wrn-15-2"), tmp_path / "x", device="cpu")
     with pytest.raises(ValueError, match="unknown data 'cifar10'; valid: digits, fashion-mnist, synthetic"):
         train(TINY.replace(data="cifar10"), tmp_path / "x", device="cpu")
     with pytest.raises(ValueError, match="unknown augment 'autoaugment'; valid: none, basic, cutout"):
@@ -135,3 +145,22 @@ def test_bad_names_and_sizes_are_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         train(TINY, tmp_path / "x", device="tpu")
     assert not (tmp_path / "x" / "checkpoint.pt").exists()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_progress_bar_on_every_epoch_on_a_terminal_and_none_when_quiet(tmp_path, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    train(TINY, tmp_path / "bar", device="cpu", plot=False)
+    steps = 256 // TINY.batch_size
+    shown = terminal.getvalue()
+    for epoch in (1, 2):  # drawn at the start of each epoch (and erased at its end: leave=False)
+        bar = shown.split(f"\repoch {epoch}/2: ", 1)[1].split("\r", 1)[0]
+        assert "%|" in bar and f"| 0/{steps} [" in bar, shown
+    terminal.seek(0), terminal.truncate()
+    train(TINY, tmp_path / "quiet", device="cpu", plot=False, quiet=True)
+    assert terminal.getvalue() == ""
