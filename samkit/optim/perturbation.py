@@ -55,6 +55,7 @@ def perturbation(
     eps: float = 1e-12,
     foreach: bool = True,
     out: Optional[Sequence[Sequence[Tensor]]] = None,
+    check_out: bool = True,
 ) -> tuple[list[list[Tensor]], Optional[Tensor]]:
     """ε̂ for every gradient of every group, and the largest ||T g||_q over the p-classes.
 
@@ -64,12 +65,14 @@ def perturbation(
     ``out``, if given, holds one tensor per gradient (same nesting and shapes) that receives ε̂ in place,
     and ``epsilons`` is then ``out``. ``out`` may be the groups' ``params``: every read of a group's
     params and grads happens before its ``out`` is written (values are the same bit for bit either way).
+    ``check_out=False`` skips the check of ``out``'s nesting and shapes, for a caller that built ``out`` from the
+    parameters themselves (``SAM`` does: on 800 small tensors the check was a fifth of the ascent's time).
 
     >>> g = PerturbationGroup(params=[torch.zeros(2)], grads=[torch.tensor([3.0, 4.0])], rho=0.5)
     >>> [e.tolist() for e in perturbation([g])[0][0]]
     [[0.30000001192092896, 0.4000000059604645]]
     """
-    if out is not None:
+    if out is not None and check_out:
         _check_out(groups, out)
     scaled = [_scaled_grads(g, foreach) if g.grads else [] for g in groups]  # T g per group
     epsilons: list[list[Tensor]] = [[] for _ in groups]

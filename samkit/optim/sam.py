@@ -222,7 +222,9 @@ class SAM(Optimizer):
             # save w, let ε̂ be computed in the weights' own memory (no temporary), then w = ε̂ + saved
             torch._foreach_copy_(saved, params)
             try:
-                _, norm = perturbation(groups, eps=self.eps, foreach=True, out=[g.params for g in groups])
+                _, norm = perturbation(
+                    groups, eps=self.eps, foreach=True, out=[g.params for g in groups], check_out=False
+                )
                 finite = bool(torch.isfinite(norm))
             except BaseException:
                 torch._foreach_copy_(params, saved)  # the weights may hold part of ε̂: put w back
@@ -250,7 +252,7 @@ class SAM(Optimizer):
         for group in groups:
             nested.append(buffers[start : start + len(group.params)])
             start += len(group.params)
-        _, norm = perturbation(groups, eps=self.eps, foreach=self.foreach, out=nested)
+        _, norm = perturbation(groups, eps=self.eps, foreach=self.foreach, out=nested, check_out=False)
         if norm is not None and not bool(torch.isfinite(norm)):
             self._raise_non_finite(norm)  # the weights were never touched
         if self.foreach and params:
