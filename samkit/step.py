@@ -58,9 +58,10 @@ def sam_step(
         backend: ``"loop"`` (any model; micro-batches one after another) or ``"vmap"`` (``torch.func``: all
             micro-batches in one vectorised call; models without BatchNorm running statistics, equal-size
             micro-batches, no DDP). Measured on CPU (BENCHMARKS.md): vmap is faster only for small
-            fully-connected models with many tiny micro-batches (k = 32: 0.75x the loop's time for an MLP), and
-            slower for convolutional models (1.12x for a small CNN) and at k = 4 (1.25x); it also holds k copies
-            of the weights. The loop is the default for that reason. See BENCHMARKS.md.
+            fully-connected models with many tiny micro-batches (k = 32: 0.75x to 0.94x the loop's time for an
+            MLP), and slower for convolutional models (1.05x to 1.18x for a small CNN) and at k = 4 (1.25x to
+            1.29x with glibc's default allocator); it also holds k copies of the weights. The loop is the
+            default for that reason. See BENCHMARKS.md.
         scaler: a ``torch.amp.GradScaler`` for fp16: both passes are scaled and unscaled here (no "unscale
             twice"), a non-finite gradient in either pass skips the whole step (weights untouched) and the scale
             is updated once per step.
