@@ -71,7 +71,7 @@ def _name_list(text: str) -> list[str]:
 
 
 def _seeds(text: str) -> list[int]:
-    """``3`` means seeds 0, 1, 2; ``4,7`` means exactly those."""
+    """``3`` means seeds 0, 1, 2; ``4,7`` means exactly those; ``5,`` means seed 5 alone."""
     try:
         if "," in text:
             return [int(part) for part in text.split(",") if part.strip()]
@@ -79,7 +79,10 @@ def _seeds(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a count (3) or a list of seeds (0,1,2), got {text!r}") from None
     if count < 1:
-        raise argparse.ArgumentTypeError(f"the number of seeds must be >= 1, got {count}")
+        raise argparse.ArgumentTypeError(
+            f"the number of seeds must be >= 1, got {count} (a single number is a count; to run seed {count} "
+            f"alone, write it as a list: --seeds {count},)"
+        )
     return list(range(count))
 
 
@@ -185,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         "batch 64, lr 0.05), the README's job. Any training option starts from `samkit train`'s defaults instead.",
     )
     compare.add_argument("--optimizers", type=_name_list, help="comma-separated (default sgd,sam,msam)")
-    compare.add_argument("--seeds", type=_seeds, default=None, help="a count (3) or a list (0,1,2); default 3")
+    compare.add_argument(
+        "--seeds", type=_seeds, default=None, help="a count (3) or a list (0,1,2; one seed: 5,); default 3"
+    )
     compare.add_argument("--out", type=Path, default=Path("runs/compare"), metavar="DIR")
     compare.add_argument("--overwrite", action="store_true", help="retrain every run instead of reusing them")
     _add_training_options(compare)

@@ -108,3 +108,13 @@ def test_help_shows_what_an_omitted_training_option_means(capsys):
         help_text = shown.split(f"{option} {field.upper()}", 1)[1].split(" --", 1)[0]
         assert f"default {getattr(defaults, field)}" in help_text, (option, help_text)
     assert f"{DEFAULT_LR['sgd']:g} for sgd-based" in shown and f"{DEFAULT_RHO['asam']:g} for asam" in shown
+
+
+def test_compare_seeds_a_count_a_list_or_one_seed_with_a_trailing_comma(capsys):
+    from samkit.cli import _seeds
+
+    assert _seeds("3") == [0, 1, 2] and _seeds("4,7") == [4, 7] and _seeds("5,") == [5]
+    with pytest.raises(SystemExit) as stopped:
+        main(["compare", *TINY, "--seeds", "0"])
+    assert stopped.value.code == 2
+    assert "to run seed 0 alone, write it as a list: --seeds 0," in capsys.readouterr().err
