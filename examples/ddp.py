@@ -12,6 +12,7 @@ micro-batches. At the end every replica checks that all replicas hold identical 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -67,6 +68,8 @@ def main() -> None:
         m = shard // args.micro_batches
         print(f"{world} replicas x {args.micro_batches} micro-batch(es): m = {m} examples per perturbation")
         print("replicas hold identical weights" if same else "ERROR: replicas diverged")
+    del model, opt  # the DDP reducer must go before the process group, or gloo may abort the process at exit
+    gc.collect()
     dist.destroy_process_group()
     if not same:
         raise SystemExit(1)

@@ -6,6 +6,7 @@ all-reduced; so the replicas together compute exactly mSAM with one micro-batch 
 
 from __future__ import annotations
 
+import gc
 import socket
 
 import torch
@@ -36,17 +37,21 @@ def _replica(rank: int, world_size: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
-        x, y = batch(n=24)
-        half = slice(rank * 12, (rank + 1) * 12)
         for name, ((mode, k, interval), _) in CASES.items():
-            model = torch.nn.parallel.DistributedDataParallel(mlp())
-            opt = SAM(model.parameters(), torch.optim.SGD, interval=interval, **OPTIONS)
-            for _ in range(STEPS):
-                sam_step(opt, model, loss_fn, x[half], y[half], micro_batches=k, perturbation=mode)
-            weights = torch.cat([p.detach().flatten() for p in model.module.parameters()])
-            torch.save(weights, f"{out_dir}/{name}-rank{rank}.pt")
+            torch.save(_replica_weights(rank, mode, k, interval), f"{out_dir}/{name}-rank{rank}.pt")
     finally:
+        gc.collect()  # no DDP reducer may outlive the process group: gloo would abort the process at exit
         dist.destroy_process_group()
+
+
+def _replica_weights(rank: int, mode: str, k: int, interval: int) -> torch.Tensor:
+    x, y = batch(n=24)
+    half = slice(rank * 12, (rank + 1) * 12)
+    model = torch.nn.parallel.DistributedDataParallel(mlp())
+    opt = SAM(model.parameters(), torch.optim.SGD, interval=interval, **OPTIONS)
+    for _ in range(STEPS):
+        sam_step(opt, model, loss_fn, x[half], y[half], micro_batches=k, perturbation=mode)
+    return torch.cat([p.detach().flatten() for p in model.module.parameters()])
 
 
 def _single_process(micro_batches: int, mode: str, interval: int = 1) -> torch.Tensor:
