@@ -217,7 +217,7 @@ class SAM(Optimizer):
         params = [t for g in groups for t in g.params]
         saved = self._saved_buffers(params)
         if self.restore_by == "swap":
-            self._swap_in(groups, params, saved)
+            saved = self._swap_in(groups, params, saved)  # now the original storages, swapped back on restore
         elif self.foreach and params:
             # save w, let ε̂ be computed in the weights' own memory (no temporary), then w = ε̂ + saved
             torch._foreach_copy_(saved, params)
@@ -240,14 +240,15 @@ class SAM(Optimizer):
             for buffer, t, e in zip(saved, params, (e for eg in epsilons for e in eg)):
                 buffer.copy_(t)
                 t.add_(e)
-        if self.restore_by == "copy":
-            self._perturbed, self._perturbed_saved = params, saved
+        self._perturbed, self._perturbed_saved = params, saved
         self._ascent_open = True
         if zero_grad:
             self.zero_grad()
 
-    def _swap_in(self, groups: list[PerturbationGroup], params: list[Tensor], buffers: list[Tensor]) -> None:
-        """restore_by="swap": buffer = ε̂ + w (bit-exact with w + ε̂), then each parameter's data becomes its buffer."""
+    def _swap_in(self, groups: list[PerturbationGroup], params: list[Tensor], buffers: list[Tensor]) -> list[Tensor]:
+        """restore_by="swap": buffer = ε̂ + w (bit-exact with w + ε̂), then each parameter's data becomes its buffer.
+
+        Returns the parameters' original data, which ``restore`` swaps back in."""
         nested, start = [], 0
         for group in groups:
             nested.append(buffers[start : start + len(group.params)])
@@ -263,7 +264,7 @@ class SAM(Optimizer):
         originals = [t.data for t in params]
         for t, buffer in zip(params, buffers):
             t.data = buffer
-        self._perturbed, self._perturbed_saved = params, originals
+        return originals
 
     def _raise_non_finite(self, norm: Tensor) -> None:
         self._awaiting_second_step = False
