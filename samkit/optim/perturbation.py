@@ -32,6 +32,22 @@ import torch
 from torch import Tensor
 
 
+GROUP_OPTIONS = ("rho", "p", "adaptive", "eta")  # the per-param-group options of every SAM-family optimizer
+
+
+def check_group_options(group: dict) -> None:
+    """Raise ``ValueError`` naming the bad value when a param group's SAM options are out of range."""
+    rho, p, eta = group["rho"], group["p"], group["eta"]
+    if not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    if not isinstance(p, (int, float)) or math.isnan(p) or p <= 1:
+        raise ValueError(f"p must be > 1 (2 for SAM, float('inf') for the sign variant), got {p!r}")
+    if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if not isinstance(group["adaptive"], bool):
+        raise ValueError(f"adaptive must be True or False, got {group['adaptive']!r}")
+
+
 @dataclass
 class PerturbationGroup:
     """Parameters and their gradients that share one set of SAM options (one param group)."""
@@ -42,6 +58,20 @@ class PerturbationGroup:
     p: float = 2.0
     adaptive: bool = False
     eta: float = 0.0
+
+    @classmethod
+    def from_param_group(
+        cls, group: dict, params: Sequence[Tensor], grads: Sequence[Tensor], *, rho: Optional[float] = None
+    ) -> PerturbationGroup:
+        """The group's SAM options (``GROUP_OPTIONS``) with these params and grads; ``rho`` overrides the group's."""
+        return cls(
+            params,
+            grads,
+            rho=group["rho"] if rho is None else rho,
+            p=group["p"],
+            adaptive=group["adaptive"],
+            eta=group["eta"],
+        )
 
 
 def dual_exponent(p: float) -> float:

@@ -14,37 +14,55 @@ With ``adaptive=True`` this is ASAM (Kwon et al. 2021): ε̂ = rho T² g / ||T g
 SAM shares ``param_groups`` (and ``state``) with its base optimizer, so LR schedulers, ``zero_grad``,
 ``add_param_group`` and checkpoints act on both. ``rho``, ``p``, ``adaptive`` and ``eta`` may differ per
 param group; the gradient norm is global.
+
+SAM is also the base class of the family (GSAM, LookSAM, RST, ...): it implements the step protocol of
+``samkit.optim.protocol`` once, and a variant overrides only the hooks that make it different:
+
+    _plan()                 the decision before the clean pass (None: it needs the gradient)
+    _decide(grads)          the decision after the clean pass (default: the plan)
+    _ascent_groups(groups)  what the ascent perturbs and along which direction (default: SAM's)
+    _descend(sam)           turn .grad into the descent gradient before the base step (default: as is)
+    _group_rho(group)       this step's rho of a param group (default: the group's rho)
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from samkit.optim.perturbation import PerturbationGroup, perturbation
+from samkit.optim.perturbation import GROUP_OPTIONS, PerturbationGroup, check_group_options, perturbation
+from samkit.optim.protocol import Phase, StepState
 
-_SAM_OPTIONS = ("rho", "p", "adaptive", "eta")
 RESTORE_BY = ("copy", "swap")
 
 
-def _check_group_options(group: dict) -> None:
-    rho, p, eta = group["rho"], group["p"], group["eta"]
-    if not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
-    if not isinstance(p, (int, float)) or math.isnan(p) or p <= 1:
-        raise ValueError(f"p must be > 1 (2 for SAM, float('inf') for the sign variant), got {p!r}")
-    if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    if not isinstance(group["adaptive"], bool):
-        raise ValueError(f"adaptive must be True or False, got {group['adaptive']!r}")
+def _check_base_optimizer(base_optimizer) -> None:
+    cls = base_optimizer if isinstance(base_optimizer, type) else type(base_optimizer)
+    if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
+        raise TypeError(
+            "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) or an instance "
+            f"built over the same parameters, got {base_optimizer!r}"
+        )
+    if issubclass(cls, SAM):
+        raise TypeError(
+            f"base_optimizer is a {cls.__name__}, itself a SAM-family optimizer: nesting them perturbs twice and "
+            "steps once; pass the optimizer that takes the step (e.g. torch.optim.SGD) instead"
+        )
+    if issubclass(cls, torch.optim.LBFGS):
+        raise TypeError(
+            "base_optimizer LBFGS re-evaluates the loss itself inside step(closure), so it cannot step with the "
+            "gradient taken at w + ε̂; use a first-order optimizer (SGD, Adam, AdamW, ...)"
+        )
 
 
 class SAM(Optimizer):
-    """Sharpness-Aware Minimization around any ``torch.optim`` optimizer.
+    """Sharpness-Aware Minimization around any ``torch.optim`` optimizer, and the base class of the family.
 
     Args:
         params: parameters or param-group dicts (a group may carry its own ``rho``, ``p``, ``adaptive``, ``eta``).
@@ -55,7 +73,7 @@ class SAM(Optimizer):
         adaptive: ASAM's scale-invariant ball, T = |w| + eta.
         eta: ASAM's offset (0 is the common definition; the ASAM authors use 0.01 on weights only, see README).
         eps: stabiliser added to the norm (outside it, as the common implementation does).
-        interval: only every ``interval``-th step perturbs; the others are plain base steps.
+        interval: only every ``interval``-th step perturbs; the others are plain base steps with one pass.
         foreach: use ``torch._foreach_*`` kernels (default) or the plain per-tensor loop.
         restore_by: how the weights leave and come back to w, both bit-exact. ``"copy"`` (default) perturbs each
             parameter in its own memory and copies the saved w back: storage never changes, safe for anything.
@@ -65,16 +83,23 @@ class SAM(Optimizer):
             flat-parameter wrappers, nor with tensors that view a parameter's storage, which would keep seeing w
             during the perturbed pass.
 
+    Counters (saved in the state dict): ``steps`` (completed steps), ``sam_steps`` (of which had a perturbed
+    pass) and ``passes`` (forward-backward passes over the batch, so ``passes / steps`` is the cost per step
+    relative to the base optimizer's one pass).
+
     Example (the two-step API)::
 
         >>> model = torch.nn.Linear(3, 1)
         >>> opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
         >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
         >>> torch.nn.functional.mse_loss(model(x), y).backward()
-        >>> opt.first_step(zero_grad=True)
-        >>> torch.nn.functional.mse_loss(model(x), y).backward()
+        >>> if opt.first_step(zero_grad=True):
+        ...     torch.nn.functional.mse_loss(model(x), y).backward()
         >>> opt.second_step(zero_grad=True)
     """
+
+    uses_clean_gradient = False  # the variant reads this step's clean gradient g in _descend (self._step.clean)
+    vectorizable = True  # sam_step(backend="vmap") can run it (its ascent needs no state vmap cannot carry)
 
     def __init__(
         self,
@@ -91,6 +116,13 @@ class SAM(Optimizer):
         restore_by: str = "copy",
         **base_kwargs: Any,
     ) -> None:
+        _check_base_optimizer(base_optimizer)
+        reserved = sorted(set(base_kwargs) & set(inspect.signature(SAM.__init__).parameters))
+        if reserved:
+            raise TypeError(
+                f"{type(self).__name__} does not take {reserved[0]!r}: its own rule decides which steps perturb and "
+                f"how; see help(samkit.{type(self).__name__})"
+            )
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1 (1 = SAM on every step), got {interval!r}")
         if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
@@ -98,19 +130,12 @@ class SAM(Optimizer):
         if restore_by not in RESTORE_BY:
             raise ValueError(f"restore_by must be one of {RESTORE_BY}, got {restore_by!r}")
         defaults = dict(rho=rho, p=p, adaptive=adaptive, eta=eta)
-        _check_group_options(defaults)
+        check_group_options(defaults)
         self.eps = float(eps)
         self.interval = interval
         self.foreach = True if foreach is None else bool(foreach)
         self.restore_by = restore_by
-        self._steps_taken = 0  # SAM's own counter: decides which steps perturb when interval > 1
-        self._saved: dict[Tensor, Tensor] = {}  # w before the ascent, keyed by parameter
-        self._saved_list: tuple[list, list, list] = ([], [], [])  # last step's (params, buffers, shapes)
-        self._perturbed: list[Tensor] = []  # parameters currently at w + ε̂
-        self._perturbed_saved: list[Tensor] = []  # and their saved w, in the same order
-        self._awaiting_second_step = False
-        self._ascent_open = False  # first_step() ran and no restore()/second_step() has followed yet
-        self._skipped_grads: list[tuple[Tensor, Tensor]] = []  # clean gradients kept on a step interval skips
+        self._step = StepState()  # everything a step changes (samkit.optim.protocol)
 
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
@@ -121,14 +146,11 @@ class SAM(Optimizer):
             super().__init__(params, defaults)
             self._adopt(base_optimizer)
             self.base_optimizer = base_optimizer
-        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+        else:
             super().__init__(params, defaults)
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
-        else:
-            raise TypeError(
-                "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) or an instance "
-                f"built over the same parameters, got {base_optimizer!r}"
-            )
+        # the base's defaults too (momentum, betas, ...): OneCycleLR and CyclicLR look for them here
+        self.defaults = {**self.base_optimizer.defaults, **defaults}
         self._link()
 
     # ----------------------------------------------------------------------------------------------------------
@@ -146,13 +168,13 @@ class SAM(Optimizer):
             )
         if mine == theirs:
             for sam_group, base_group in zip(self.param_groups, base.param_groups):
-                for key in _SAM_OPTIONS:
+                for key in GROUP_OPTIONS:
                     base_group[key] = sam_group[key]
         elif len(self.param_groups) == 1:
             for base_group in base.param_groups:
-                for key in _SAM_OPTIONS:
+                for key in GROUP_OPTIONS:
                     base_group.setdefault(key, self.defaults[key])
-                _check_group_options(base_group)
+                check_group_options(base_group)
         else:
             raise ValueError(
                 "SAM's param groups do not match the base optimizer's: pass the same groups to both, or a flat "
@@ -165,55 +187,177 @@ class SAM(Optimizer):
         self.state = self.base_optimizer.state
 
     def add_param_group(self, param_group: dict) -> None:
-        for key, value in self.defaults.items():
-            param_group.setdefault(key, value)
-        _check_group_options(param_group)
         base = self.__dict__.get("base_optimizer")
+        for key in GROUP_OPTIONS:
+            param_group.setdefault(key, self.defaults[key])
+        check_group_options(param_group)
         if base is None:  # during Optimizer.__init__
             super().add_param_group(param_group)
         else:
             base.add_param_group(param_group)
 
+    def _params(self) -> list[Tensor]:
+        return [t for group in self.param_groups for t in group["params"]]
+
     # ----------------------------------------------------------------------------------------------------------
-    # the step
+    # the hooks a variant overrides (see the module docstring)
+
+    def _plan(self) -> Optional[bool]:
+        """Whether the coming step perturbs, when that is known before its clean pass; None when it is not."""
+        return self._step.steps % self.interval == 0
+
+    def _decide(self, grads: list[Optional[Tensor]]) -> bool:
+        """Whether this step perturbs, given its clean gradient (one entry per parameter, None without one)."""
+        plan = self._plan()
+        if plan is None:
+            raise NotImplementedError(f"{type(self).__name__}._plan() returned None but _decide is not defined")
+        return plan
+
+    def _ascent_groups(self, groups: list[PerturbationGroup]) -> list[PerturbationGroup]:
+        """The groups the ascent perturbs (params, the direction in ``grads``, rho): SAM's own by default."""
+        return groups
+
+    def _descend(self, sam: bool) -> None:
+        """Turn ``p.grad`` (g_s on a SAM step, g on a one-pass step) into the gradient the base optimizer gets."""
+
+    def _group_rho(self, group: dict) -> float:
+        return group["rho"]
+
+    def _options(self) -> dict[str, Any]:
+        """The constructor options a checkpoint must agree with on resume."""
+        return {"interval": self.interval, "eps": self.eps}
+
+    def _memory_state(self) -> dict[str, Any]:
+        """A variant's running state (``self._step.memory``) as saved in the state dict."""
+        return {k: v.clone() if isinstance(v, Tensor) else v for k, v in self._step.memory.items()}
+
+    def _load_memory_state(self, memory: dict[str, Any]) -> None:
+        self._step.memory.clear()
+        self._step.memory.update(memory)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the step protocol
 
     @property
-    def is_sam_step(self) -> bool:
-        """Whether the current step perturbs (False on the steps that ``interval`` skips).
-
-        A hand-written loop can skip its second forward-backward when this is False.
-        """
-        return self._steps_taken % self.interval == 0
+    def phase(self) -> Phase:
+        """Where the step in progress stands (``samkit.optim.protocol.Phase``)."""
+        return self._step.phase
 
     @property
     def perturbed(self) -> bool:
         """Whether the weights currently sit at w + ε̂ (between first_step and restore/second_step)."""
-        return bool(self._perturbed)
+        return self._step.phase is Phase.PERTURBED
 
+    @property
+    def will_perturb(self) -> Optional[bool]:
+        """This step's decision once taken; before that, the rule's plan (None when it needs the gradient)."""
+        if self._step.decided:
+            return self._step.phase in (Phase.SAM, Phase.PERTURBED)
+        return self._plan()
+
+    @property
+    def is_sam_step(self) -> bool:
+        """Whether the current step perturbs; a loop can skip its second pass when this is False."""
+        plan = self.will_perturb
+        if plan is None:
+            raise RuntimeError(
+                f"{type(self).__name__} decides from the clean gradient whether a step perturbs: read the value "
+                "first_step() returns (or call decide()) after the clean backward"
+            )
+        return plan
+
+    @property
+    def steps(self) -> int:
+        return self._step.steps
+
+    @property
+    def sam_steps(self) -> int:
+        return self._step.sam_steps
+
+    @property
+    def passes(self) -> float:
+        return self._step.passes
+
+    @torch.compiler.disable
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, *, grads: Optional[Sequence[Optional[Tensor]]] = None) -> None:
-        """Save w and move to w + ε̂, computed from ``p.grad`` (or from ``grads``).
+    def decide(self, grads: Optional[Sequence[Optional[Tensor]]] = None) -> bool:
+        """Take this step's decision from its clean gradient (``p.grad``, or ``grads`` in param-group order).
+
+        ``first_step`` calls it on the step's first call; call it yourself when the batch is split and the rule
+        reads the gradient (AE-SAM): pass the whole batch's clean gradient, then call ``first_step`` per part.
+        """
+        if self._step.decided:
+            raise RuntimeError(f"decide() called twice in one step (this step is already {self._step.phase.value})")
+        sam = bool(self._decide(self._gradient_list(grads)))
+        self._step.phase = Phase.SAM if sam else Phase.PLAIN
+        return sam
+
+    @torch.compiler.disable
+    def skip_perturbation(self) -> None:
+        """Make the step in progress a one-pass step without consulting the rule (call it before first_step)."""
+        if self._step.decided:
+            raise RuntimeError(f"skip_perturbation() after this step's decision (it is {self._step.phase.value})")
+        self._step.phase = Phase.PLAIN
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def first_step(
+        self,
+        zero_grad: bool = False,
+        *,
+        grads: Optional[Sequence[Optional[Tensor]]] = None,
+        weight: float = 1.0,
+        move: bool = True,
+    ) -> bool:
+        """Decide whether this step perturbs and, if so, save w and move to w + ε̂. Returns the decision.
 
         ``grads``, if given, lists one gradient (or None) per parameter in param-group order, e.g. the output of
         ``torch.autograd.grad``; ``p.grad`` is then left alone (that is how mSAM accumulates perturbed gradients).
-        On a step that ``interval`` skips, nothing moves and the clean gradients are kept for ``second_step``:
-        with ``zero_grad=True`` they are set aside, so a loop that runs its second pass anyway hands the base
-        optimizer the gradient at w once, not twice, and a loop that skips it (see ``is_sam_step``) gets them back.
+        ``weight`` is this gradient's share of the batch (|B_j| / |B| for micro-batch j), for the variants that
+        keep the step's clean gradient. ``move=False`` records the gradient and the decision but leaves the
+        weights at w, for a caller that evaluates the perturbed gradient itself.
+
+        On a one-pass step (the return value is False) nothing moves and the clean gradient is the descent
+        gradient. With ``zero_grad=True`` it is set aside, so a loop that runs its second pass anyway hands the
+        base optimizer the gradient at w once, not twice, and a loop that skips it gets it back.
         """
-        if self._ascent_open:
+        state = self._step
+        if state.phase is Phase.PERTURBED:
             raise RuntimeError(
-                "first_step() called twice without second_step() (or restore()) in between"
-                + (": the weights are already perturbed" if self._perturbed else "")
+                "first_step() called twice without second_step() (or restore()) in between: the weights are "
+                "already perturbed"
             )
-        self._awaiting_second_step = True
-        if not self.is_sam_step:
+        if state.phase is Phase.PLAIN:
+            raise RuntimeError(
+                "first_step() called twice in a one-pass step (first_step returned False): call second_step()"
+            )
+        gradients = self._gradient_list(grads)
+        if state.phase is Phase.READY:
+            state.phase = Phase.SAM if bool(self._decide(gradients)) else Phase.PLAIN
+        if state.phase is Phase.PLAIN:
             if zero_grad:
-                params = [t for group in self.param_groups for t in group["params"]]
-                self._skipped_grads = [(t, t.grad) for t in params if t.grad is not None]
+                state.set_aside = [(t, t.grad) for t in self._params() if t.grad is not None]
                 self.zero_grad()
-            self._ascent_open = True
+            return False
+        if type(self).uses_clean_gradient:
+            self._accumulate_clean(gradients, weight)
+        if move:
+            self._ascend(gradients)
+        if zero_grad:
+            self.zero_grad()
+        return True
+
+    def _accumulate_clean(self, gradients: list[Optional[Tensor]], weight: float) -> None:
+        state = self._step
+        if state.clean is None:
+            state.clean = [None if g is None else g.detach() * weight for g in gradients]
             return
-        groups = self._perturbation_groups(grads)
+        for i, g in enumerate(gradients):
+            if g is not None:
+                state.clean[i] = g.detach() * weight if state.clean[i] is None else state.clean[i].add(g, alpha=weight)
+
+    def _ascend(self, gradients: list[Optional[Tensor]]) -> None:
+        groups = self._ascent_groups(self._perturbation_groups(gradients))
         params = [t for g in groups for t in g.params]
         saved = self._saved_buffers(params)
         if self.restore_by == "swap":
@@ -228,6 +372,7 @@ class SAM(Optimizer):
                 finite = bool(torch.isfinite(norm))
             except BaseException:
                 torch._foreach_copy_(params, saved)  # the weights may hold part of ε̂: put w back
+                self._step.phase = Phase.READY
                 raise
             if not finite:
                 torch._foreach_copy_(params, saved)
@@ -240,10 +385,8 @@ class SAM(Optimizer):
             for buffer, t, e in zip(saved, params, (e for eg in epsilons for e in eg)):
                 buffer.copy_(t)
                 t.add_(e)
-        self._perturbed, self._perturbed_saved = params, saved
-        self._ascent_open = True
-        if zero_grad:
-            self.zero_grad()
+        self._step.perturbed, self._step.saved = params, saved
+        self._step.phase = Phase.PERTURBED
 
     def _swap_in(self, groups: list[PerturbationGroup], params: list[Tensor], buffers: list[Tensor]) -> list[Tensor]:
         """restore_by="swap": buffer = ε̂ + w (bit-exact with w + ε̂), then each parameter's data becomes its buffer.
@@ -267,19 +410,24 @@ class SAM(Optimizer):
         return originals
 
     def _raise_non_finite(self, norm: Tensor) -> None:
-        self._awaiting_second_step = False
+        self._step.phase = Phase.READY
+        self._step.clean = None
         raise FloatingPointError(
             f"the gradient norm in first_step is {norm.item()}: SAM will not write non-finite values into the "
             "weights. Under mixed precision, unscale the gradients first or use samkit.sam_step(..., "
             "scaler=GradScaler()), which skips such steps"
         )
 
+    @torch.compiler.disable
     @torch.no_grad()
     def restore(self) -> None:
         """Put back the saved weights (bit-exact) without stepping. A no-op when nothing is perturbed."""
-        params, saved = self._perturbed, self._perturbed_saved
-        self._perturbed, self._perturbed_saved = [], []
-        self._ascent_open = False
+        state = self._step
+        if state.phase is not Phase.PERTURBED:
+            return
+        params, saved = state.perturbed, state.saved
+        state.perturbed, state.saved = [], []
+        state.phase = Phase.SAM
         if not params:
             return
         if self.restore_by == "swap":
@@ -291,82 +439,115 @@ class SAM(Optimizer):
             for t, buffer in zip(params, saved):
                 t.copy_(buffer)
 
+    @torch.compiler.disable
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, *, scaler: Optional[torch.amp.GradScaler] = None) -> None:
-        """Restore w and run the base optimizer with the gradient taken at w + ε̂.
+    def second_step(
+        self,
+        zero_grad: bool = False,
+        *,
+        scaler: Optional[torch.amp.GradScaler] = None,
+        max_grad_norm: Optional[float] = None,
+    ) -> None:
+        """Restore w and run the base optimizer with the descent gradient (g_s, or g on a one-pass step).
 
-        With a ``scaler``, the base step goes through ``scaler.step`` (skipped when the gradients overflowed);
-        the caller still calls ``scaler.update()`` once per step.
+        ``max_grad_norm`` clips the descent gradient's global 2-norm (after the variant has formed it, before the
+        base step). With a ``scaler``, the base step goes through ``scaler.step`` (skipped when the gradients overflowed);
+        the caller still calls ``scaler.update()`` once per step. Step hooks registered on this optimizer
+        (``register_step_pre_hook`` / ``register_step_post_hook``) run around it.
         """
-        if not self._awaiting_second_step:
+        if not self._step.decided:
             raise RuntimeError("second_step() called without first_step(): call first_step() after the first backward")
+        for hook in (*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
+            hook(self, (self,), {})
+        self._finish_step(scaler, max_grad_norm)
+        for hook in (*self._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
+            hook(self, (self,), {})
+        if zero_grad:
+            self.zero_grad()
+
+    def _finish_step(self, scaler: Optional[torch.amp.GradScaler], max_grad_norm: Optional[float] = None) -> None:
+        state = self._step
         self.restore()
-        skipped, self._skipped_grads = self._skipped_grads, []
-        if all(t.grad is None for t, _ in skipped):  # a skipped step whose loop ran no second pass
-            for t, g in skipped:
+        sam = state.phase is Phase.SAM
+        if not sam and all(t.grad is None for t, _ in state.set_aside):  # a one-pass step whose loop ran no 2nd pass
+            for t, g in state.set_aside:
                 t.grad = g
+        if scaler is not None and type(self)._descend is not SAM._descend:
+            _unscale_once(scaler, self.base_optimizer)  # the variant's descent mixes g and g_s: both unscaled
+        self._descend(sam)
+        if max_grad_norm is not None:
+            if scaler is not None:
+                _unscale_once(scaler, self.base_optimizer)
+            torch.nn.utils.clip_grad_norm_([t for t in self._params() if t.grad is not None], max_grad_norm)
         if scaler is None:
             self.base_optimizer.step()
         else:
             scaler.step(self.base_optimizer)
-        self._awaiting_second_step = False
-        self._steps_taken += 1
+        state.end_step(sam, self._step_passes(sam))
         self._opt_called = True  # what an LR scheduler attached to this optimizer checks for
-        if zero_grad:
-            self.zero_grad()
 
+    def _step_passes(self, sam: bool) -> float:
+        """Forward-backward passes over the batch that this step cost."""
+        return 2.0 if sam else 1.0
+
+    @torch.compiler.disable
     @torch.no_grad()
     def cancel_step(self) -> None:
-        """Abandon the current step: restore the weights and forget the pending first_step (e.g. on an overflow)."""
+        """Abandon the current step: restore the weights and forget its decision (e.g. on an overflow)."""
         self.restore()
-        self._skipped_grads = []
-        self._awaiting_second_step = False
+        self._step.phase = Phase.READY
+        self._step.set_aside = []
+        self._step.clean = None
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
-        """One SAM step with a standard closure (zero grads, forward, backward, return the loss).
+        """One step with a standard closure (zero grads, forward, backward, return the loss).
 
-        The closure runs twice (once on steps that ``interval`` skips); returns the loss of the first call.
+        The closure runs twice on a SAM step and once on a one-pass step; returns the loss of the first call.
         """
         if closure is None:
             raise ValueError(
-                "SAM.step() needs a closure that zeroes the gradients, runs forward and backward and returns the "
-                "loss; or use first_step()/second_step() with your own two passes"
+                f"{type(self).__name__}.step() needs a closure that zeroes the gradients, runs forward and backward "
+                "and returns the loss; or use first_step()/second_step() with your own two passes"
             )
         closure = torch.enable_grad()(closure)
         loss = closure()
-        sam = self.is_sam_step
-        self.first_step(zero_grad=True)
-        if sam:
+        if self.first_step(zero_grad=True):
             try:
                 closure()
             except BaseException:
                 self.cancel_step()  # never leave the weights at w + ε̂
                 raise
-        self.second_step()
+        self._finish_step(None)  # step() itself runs the step hooks (torch wraps it)
         return loss
 
     # ----------------------------------------------------------------------------------------------------------
     # helpers
 
-    def _perturbation_groups(self, grads: Optional[Sequence[Optional[Tensor]]]) -> list[PerturbationGroup]:
-        if grads is not None:
-            expected = sum(len(g["params"]) for g in self.param_groups)
-            if len(grads) != expected:
-                raise ValueError(
-                    f"grads has {len(grads)} entries but the optimizer has {expected} parameters: give one gradient "
-                    "(or None) per parameter, in param-group order"
-                )
+    def _gradient_list(self, grads: Optional[Sequence[Optional[Tensor]]]) -> list[Optional[Tensor]]:
+        params = self._params()
+        if grads is None:
+            return [t.grad for t in params]
+        if len(grads) != len(params):
+            raise ValueError(
+                f"grads has {len(grads)} entries but the optimizer has {len(params)} parameters: give one gradient "
+                "(or None) per parameter, in param-group order"
+            )
+        return list(grads)
+
+    def ascent_groups(self, grads: Sequence[Optional[Tensor]]) -> list[PerturbationGroup]:
+        """The groups this optimizer's ascent perturbs for these gradients (one per parameter, None to leave it
+        out), with this step's rho and the variant's direction: what a backend that computes ε̂ itself (the vmap
+        backend of ``sam_step``) passes to ``samkit.optim.perturbation.perturbation``."""
+        return self._ascent_groups(self._perturbation_groups(self._gradient_list(grads)))
+
+    def _perturbation_groups(self, gradients: list[Optional[Tensor]]) -> list[PerturbationGroup]:
         position = 0
         groups = []
         for group in self.param_groups:
             members = group["params"]
-            if grads is None:
-                pairs = [(t, t.grad) for t in members]
-            else:
-                pairs = list(zip(members, grads[position : position + len(members)]))
+            pairs = [(t, g) for t, g in zip(members, gradients[position : position + len(members)]) if g is not None]
             position += len(members)
-            pairs = [(t, g) for t, g in pairs if g is not None]
             sparse = next((t for t, g in pairs if g.is_sparse), None)
             if sparse is not None:
                 raise RuntimeError(
@@ -374,62 +555,105 @@ class SAM(Optimizer):
                     "gradients, e.g. nn.Embedding(..., sparse=False)"
                 )
             groups.append(
-                PerturbationGroup(
-                    [t for t, _ in pairs],
-                    [g for _, g in pairs],
-                    rho=group["rho"],
-                    p=group["p"],
-                    adaptive=group["adaptive"],
-                    eta=group["eta"],
+                PerturbationGroup.from_param_group(
+                    group, [t for t, _ in pairs], [g for _, g in pairs], rho=self._group_rho(group)
                 )
             )
         return groups
 
     def _saved_buffers(self, params: list[Tensor]) -> list[Tensor]:
         """The buffers that hold w during the ascent, one per parameter, reused from step to step."""
-        cached_params, cached_buffers, signature = self._saved_list
+        state = self._step
+        cached_params, cached_buffers, signature = state.buffer_list
         now = [(t.shape, t.dtype, t.device) for t in params]
         same_params = len(cached_params) == len(params) and all(a is b for a, b in zip(cached_params, params))
         if same_params and now == signature:
             return cached_buffers  # the common case: the same parameters as last step, shapes unchanged
         buffers = []
         for t in params:
-            buffer = self._saved.get(t)
+            buffer = state.buffers.get(t)
             if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype or buffer.device != t.device:
                 buffer = torch.empty_like(t, memory_format=torch.preserve_format)
-                self._saved[t] = buffer
+                state.buffers[t] = buffer
             buffers.append(buffer)
-        self._saved_list = (list(params), buffers, now)
+        state.buffer_list = (list(params), buffers, now)
         return buffers
 
     # ----------------------------------------------------------------------------------------------------------
-    # checkpoints
+    # checkpoints and copies
 
     def state_dict(self) -> dict:
-        """The base optimizer's state dict (its state, e.g. Adam's moments, and the shared groups) plus SAM's own."""
-        if self._perturbed:
+        """The base optimizer's state dict (its state, e.g. Adam's moments, and the shared groups) plus SAM's own:
+        the counters, the options a resume must agree with, and a variant's running state."""
+        if self._step.phase is not Phase.READY:
             raise RuntimeError(
-                "state_dict() called between first_step() and second_step(): the weights are perturbed; save "
-                "after second_step()"
+                f"state_dict() called in the middle of a step (between first_step() and second_step(), phase "
+                f"{self._step.phase.value}){': the weights are perturbed' if self.perturbed else ''}; save after "
+                "second_step()"
             )
         state = self.base_optimizer.state_dict()
-        state["sam"] = {"steps_taken": self._steps_taken, "interval": self.interval, "eps": self.eps}
+        state["sam"] = {
+            "class": type(self).__name__,
+            "steps_taken": self._step.steps,
+            "sam_steps": self._step.sam_steps,
+            "passes": self._step.passes,
+            "options": self._options(),
+            "memory": self._memory_state(),
+        }
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict saved by the same class with the same options (a mismatch raises and names them)."""
         if "sam" not in state_dict:
             raise ValueError(
                 "this state dict has no 'sam' entry: it was not saved by samkit.SAM.state_dict(); load a base "
                 "optimizer's state with opt.base_optimizer.load_state_dict(...) instead"
             )
-        state_dict = dict(state_dict)
-        sam_state = state_dict.pop("sam")
-        self.base_optimizer.load_state_dict(state_dict)
+        saved = state_dict["sam"]
+        saved_class = saved.get("class", "SAM")
+        if saved_class != type(self).__name__:
+            raise ValueError(
+                f"this state dict was saved by samkit.{saved_class}, not {type(self).__name__}: build a "
+                f"{saved_class} to resume it"
+            )
+        options = saved.get("options", {k: saved[k] for k in ("interval", "eps") if k in saved})
+        mine = self._options()
+        different = {k: (v, mine.get(k)) for k, v in options.items() if mine.get(k) != v}
+        if different:
+            name, (then, now) = next(iter(different.items()))
+            raise ValueError(
+                f"the checkpoint was saved with {name}={then!r}, this {type(self).__name__} has {name}={now!r}: "
+                f"build it with {name}={then!r} to resume; to continue with other options on purpose, load the "
+                "checkpoint first, then build a new optimizer and copy the base state with "
+                "new.base_optimizer.load_state_dict(...)"
+            )
+        base_state = {k: v for k, v in state_dict.items() if k != "sam"}
+        self.base_optimizer.load_state_dict(base_state)
         self._link()  # load_state_dict replaced the base's group list and state
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        self._steps_taken = int(sam_state["steps_taken"])
+            for key in GROUP_OPTIONS:
+                group.setdefault(key, self.defaults[key])
+        self.cancel_step()
+        self._step.steps = int(saved["steps_taken"])
+        self._step.sam_steps = int(saved.get("sam_steps", 0))
+        self._step.passes = float(saved.get("passes", 0.0))
+        self._load_memory_state(dict(saved.get("memory", {})))
+
+    def __getstate__(self) -> dict:
+        # torch's Optimizer pickles only defaults/state/param_groups; a SAM needs all of its attributes. An
+        # instance-level `step` (an LR scheduler's wrapper of the bound method) is left out, as torch does.
+        return {k: v for k, v in self.__dict__.items() if k != "step"}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
 
     def __repr__(self) -> str:
-        return f"SAM(base_optimizer={self.base_optimizer!r}, interval={self.interval}, eps={self.eps})"
+        return f"{type(self).__name__}(base_optimizer={self.base_optimizer!r}, {self._options()})"
+
+
+def _unscale_once(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> None:
+    """scaler.unscale_(optimizer) unless this step already did it (GradScaler refuses a second call)."""
+    from torch.amp.grad_scaler import OptState
+
+    if scaler.is_enabled() and scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)

@@ -278,16 +278,20 @@ def test_skipped_step_gets_the_clean_gradient_once_whether_or_not_the_loop_runs_
 
 @pytest.mark.parametrize("interval", [1, 2])
 def test_first_step_twice_raises_even_when_nothing_moved(interval):
-    model = mlp()
+    model, (x, y) = mlp(), batch()
     opt = SAM(model.parameters(), torch.optim.SGD, interval=interval, lr=0.1)
-    opt._steps_taken = 1  # a step that interval=2 skips; a SAM step for interval=1
+    two_step(model, opt, x, y, 1)  # step 1 is one that interval=2 skips; a SAM step for interval=1
     before = [p.detach().clone() for p in model.parameters()]
-    opt.first_step()  # no parameter has a gradient: nothing moves
+    assert opt.first_step() is (interval == 1)  # no parameter has a gradient: nothing moves
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
     with pytest.raises(RuntimeError, match="first_step\\(\\) called twice"):
         opt.first_step()
     opt.restore()
-    opt.first_step()  # restore() ends the ascent: the hand-written mSAM pattern
+    if interval == 1:
+        opt.first_step()  # restore() ends the ascent: the hand-written mSAM pattern
+    else:
+        with pytest.raises(RuntimeError, match="one-pass step"):
+            opt.first_step()  # a one-pass step stays one: its clean gradient is the descent gradient
     opt.second_step()
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))  # no gradient, no move
 

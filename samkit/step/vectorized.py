@@ -3,7 +3,8 @@
 The batch is reshaped to [k, N/k, ...] and, with w fixed::
 
     g_j   = vmap(grad L)(w, B_j)             # k clean gradients at once
-    ε_j   = vmap(ε̂)(g_j)                     # the same ε̂ code as everywhere (its per-tensor path)
+    first_step(grads=mean_j g_j, move=False) # the optimizer decides and records g; the weights stay at w
+    ε_j   = vmap(ε̂)(g_j)                     # the optimizer's ascent groups, the per-tensor ε̂ path
     g'_j  = vmap(grad L)(w + ε_j, B_j)       # k perturbed gradients at once, each at its own weights
     .grad = mean_j g'_j
 
@@ -18,14 +19,14 @@ from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from samkit.batchnorm import has_running_stats
-from samkit.optim.perturbation import PerturbationGroup, perturbation
+from samkit.optim.perturbation import perturbation
+from samkit.step.common import all_finite, forward_loss, is_ddp
 
 
-def vectorized_step_gradients(optimizer, model, loss_fn, inputs, targets, k, mode, precision, trainable):
+def vectorized_step_gradients(optimizer, model, loss_fn, inputs, targets, k, mode, precision, params):
     """Leave the final (scaled) gradient in ``.grad``; return (mean clean loss, all gradients finite)."""
-    from samkit.step import _all_finite, _forward_loss, _is_ddp
-
-    _check_vectorisable(model, inputs, k, _is_ddp(model))
+    trainable = [t for t in params if t.requires_grad]
+    _check_vectorisable(model, inputs, k, is_ddp(model))
     names = {id(t): name for name, t in model.named_parameters()}
     missing = [tuple(t.shape) for t in trainable if id(t) not in names]
     if missing:
@@ -44,32 +45,34 @@ def vectorized_step_gradients(optimizer, model, loss_fn, inputs, targets, k, mod
         def functional_model(batch):
             return functional_call(model, {**fixed, **dict(zip(keys, weights))}, (batch,))
 
-        loss = _forward_loss(functional_model, loss_fn, x, y, precision)
+        loss = forward_loss(functional_model, loss_fn, x, y, precision)
         return precision.scale(loss), loss.detach()
 
     gradient = grad(scaled_loss, has_aux=True)
     weights = tuple(t.detach() for t in trainable)
     try:
-        if not optimizer.is_sam_step:
-            grads, losses = vmap(gradient, in_dims=(None, 0, 0), randomness="different")(weights, xs, ys)
-            _set_mean_grads(trainable, grads)
-            optimizer.first_step()  # a step that interval skips: nothing moves
-            return losses.mean(), _all_finite(trainable, model, precision)
         grads, losses = vmap(gradient, in_dims=(None, 0, 0), randomness="different")(weights, xs, ys)
+        _set_mean_grads(trainable, grads)  # the (scaled) clean batch gradient: the descent gradient of a one-pass step
+        if optimizer.will_perturb is False:
+            optimizer.first_step()
+            return losses.mean(), all_finite(trainable, model, precision)
         grads = list(grads)
         precision.unscale_(grads)
-        if not _all_finite(trainable, model, precision, grads):
+        if not all_finite(trainable, model, precision, grads):
             return losses.mean(), False
+        by_param = {id(t): g.mean(0) for t, g in zip(trainable, grads)}
+        if not optimizer.first_step(grads=[by_param.get(id(t)) for t in params], move=False):
+            return losses.mean(), True  # the rule read g and chose one pass
 
         def ascent(g):
-            return _epsilons(optimizer, trainable, g)
+            return _epsilons(optimizer, params, trainable, g)
 
         if mode == "shared":
             eps = ascent(tuple(g.mean(0) for g in grads))
-            perturbed, weight_dims = tuple(w + e for w, e in zip(weights, eps)), None
+            perturbed, weight_dims = _add(weights, eps), None
         else:
             eps = vmap(ascent)(tuple(grads))
-            perturbed, weight_dims = tuple(w + e for w, e in zip(weights, eps)), 0
+            perturbed, weight_dims = _add(weights, eps), 0
         del grads, eps
         perturbed_grads, _ = vmap(gradient, in_dims=(weight_dims, 0, 0), randomness="different")(perturbed, xs, ys)
     except RuntimeError as error:
@@ -77,29 +80,21 @@ def vectorized_step_gradients(optimizer, model, loss_fn, inputs, targets, k, mod
             f"backend='vmap' could not vectorise this model ({error}); use backend='loop'"
         ) from error
     _set_mean_grads(trainable, perturbed_grads)
-    optimizer.first_step(grads=[None] * sum(len(g["params"]) for g in optimizer.param_groups))  # weights stay put
     return losses.mean(), True
 
 
-def _epsilons(optimizer, trainable, grads) -> tuple[Tensor, ...]:
-    """ε̂ per trainable parameter (in their order), from the optimizer's groups, by the per-tensor path."""
+def _add(weights, eps):
+    return tuple(w + e for w, e in zip(weights, eps))
+
+
+def _epsilons(optimizer, params, trainable, grads) -> tuple[Tensor, ...]:
+    """ε̂ per trainable parameter (in their order), from the optimizer's ascent groups, by the per-tensor path;
+    zero for a parameter the ascent leaves out (SAM-ON's non-normalization weights)."""
     by_param = {id(t): g for t, g in zip(trainable, grads)}
-    groups = []
-    for group in optimizer.param_groups:
-        params = [t for t in group["params"] if id(t) in by_param]
-        groups.append(
-            PerturbationGroup(
-                params,
-                [by_param[id(t)] for t in params],
-                rho=group["rho"],
-                p=group["p"],
-                adaptive=group["adaptive"],
-                eta=group["eta"],
-            )
-        )
+    groups = optimizer.ascent_groups([by_param.get(id(t)) for t in params])
     epsilons, _ = perturbation(groups, eps=optimizer.eps, foreach=False)
     by_id = {id(t): e for group, eps in zip(groups, epsilons) for t, e in zip(group.params, eps)}
-    return tuple(by_id[id(t)] for t in trainable)
+    return tuple(by_id[id(t)] if id(t) in by_id else g * 0 for t, g in zip(trainable, grads))
 
 
 def _set_mean_grads(trainable, stacked) -> None:

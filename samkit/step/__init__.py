@@ -1,0 +1,12 @@
+"""``sam_step``: one complete step of any SAM-family optimizer (micro-batches, AMP, DDP, BatchNorm, clipping).
+
+    api.py         sam_step itself: argument checks, precision, the final base step
+    loop.py        the loop backend (any model, DDP, BatchNorm)
+    vectorized.py  the vmap backend (torch.func, all micro-batches at once)
+    common.py      what both backends share
+"""
+
+from samkit.step.api import BACKENDS, PERTURBATIONS, sam_step
+from samkit.step.common import split_batch
+
+__all__ = ["sam_step", "split_batch", "BACKENDS", "PERTURBATIONS"]

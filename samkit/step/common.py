@@ -1,0 +1,113 @@
+"""What the loop and vmap backends of ``sam_step`` share: batch splitting, precision, finiteness, overflow skips."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def split_batch(inputs: Tensor, targets: Tensor, k: int) -> list[tuple[Tensor, Tensor, float]]:
+    """k micro-batches along dim 0 with their weights |B_j| / N (sizes differ by at most one)."""
+    n = len(inputs)
+    return [(x, y, len(x) / n) for x, y in zip(torch.tensor_split(inputs, k), torch.tensor_split(targets, k))]
+
+
+class Precision:
+    """Autocast for the forward passes and GradScaler bookkeeping, or nothing at all."""
+
+    def __init__(self, scaler: Optional[torch.amp.GradScaler], autocast_dtype, device_type: str):
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self.autocast_dtype = autocast_dtype
+        self.device_type = device_type
+
+    def forward_context(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def scale(self, loss: Tensor) -> Tensor:
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def unscale_(self, grads: Sequence[Optional[Tensor]]) -> None:
+        grads = [g for g in grads if g is not None]
+        if self.scaler is not None and grads:
+            torch._foreach_mul_(grads, 1.0 / self.scaler.get_scale())
+
+    def unscaled(self, grads: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
+        """Unscaled copies (the tensors themselves when there is no scaler)."""
+        if self.scaler is None:
+            return list(grads)
+        inverse = 1.0 / self.scaler.get_scale()
+        return [None if g is None else g * inverse for g in grads]
+
+
+def forward_loss(model, loss_fn, x, y, precision: Precision) -> Tensor:
+    with precision.forward_context():
+        loss = loss_fn(model(x), y)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"loss_fn must return a scalar tensor (the mean loss over the micro-batch), got {shape}; "
+            "use reduction='mean'"
+        )
+    return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
+
+
+def all_finite(trainable, model, precision: Precision, grads=None) -> bool:
+    """Whether every gradient is finite (agreed across DDP replicas, so that all of them skip together)."""
+    grads = [t.grad for t in trainable] if grads is None else grads
+    grads = [g for g in grads if g is not None]
+    if not grads:
+        return True
+    finite = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)])).all()
+    if is_ddp(model) and precision.scaler is not None:
+        flag = (~finite).to(torch.float32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        finite = flag[0] == 0
+    if precision.scaler is None and not bool(finite):
+        raise FloatingPointError(
+            "a gradient in sam_step is inf or NaN: SAM will not write non-finite values into the weights. "
+            "Lower the learning rate, or pass scaler=torch.amp.GradScaler() under fp16 to skip such steps"
+        )
+    return bool(finite)
+
+
+def skip_step(optimizer, precision: Precision, trainable, *, unscaled: bool) -> None:
+    """An overflow under a GradScaler: weights untouched, the optimizer's step abandoned (its counters and a
+    variant's state stay as they were), and the scaler backs off through its own logic."""
+    optimizer.cancel_step()
+    scaler = precision.scaler
+    if not unscaled:
+        for t in trainable:
+            t.grad = None
+        # one non-finite gradient makes the scaler record the overflow (same on every replica), skip and back off
+        trainable[0].grad = torch.full_like(trainable[0], float("inf"))
+        scaler.unscale_(optimizer.base_optimizer)
+    scaler.step(optimizer.base_optimizer)  # found the overflow when unscaling: skips the step
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def is_ddp(model) -> bool:
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+def no_sync(model, *, enabled: bool):
+    return model.no_sync() if enabled and is_ddp(model) else contextlib.nullcontext()
+
+
+def replica_mean(grads: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
+    """The mean over DDP replicas of each gradient, as new tensors (the inputs are left as they are)."""
+    world = torch.distributed.get_world_size()
+    out = []
+    for g in grads:
+        if g is None:
+            out.append(None)
+            continue
+        total = g.clone()
+        torch.distributed.all_reduce(total)
+        out.append(total.div_(world))
+    return out
