@@ -1,8 +1,8 @@
-"""samkit: sharpness-aware training for PyTorch (SAM, ASAM, mSAM), flatness measurements, experiments."""
+"""samkit: sharpness-aware training for PyTorch (the SAM family), flatness measurements, experiments."""
 
 from samkit.batchnorm import frozen_running_stats
-from samkit.optim import SAM
+from samkit.optim import SAM, FriendlySAM, LookSAM, Phase
 from samkit.step import sam_step
 
-__all__ = ["SAM", "sam_step", "frozen_running_stats"]
+__all__ = ["SAM", "FriendlySAM", "LookSAM", "Phase", "sam_step", "frozen_running_stats"]
 __version__ = "0.1.0"

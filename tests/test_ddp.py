@@ -20,7 +20,7 @@ STEPS = 3
 OPTIONS = dict(rho=0.1, lr=0.1, momentum=0.9, weight_decay=5e-4)
 # (perturbation, micro-batches per replica, interval) on 2 replicas -> the same on one process with the whole batch
 CASES = {
-    "k1": (("per_micro_batch", 1, 1), ("per_micro_batch", 2, 1)),  # the test
+    "k1": (("per_micro_batch", 1, 1), ("per_micro_batch", 2, 1)),  # the defining case: R replicas x 1 = 1 process x R
     "k2": (("per_micro_batch", 2, 1), ("per_micro_batch", 4, 1)),  # no all-reduce before the last micro-batch
     "shared": (("shared", 2, 1), ("per_micro_batch", 2, 1)),  # one ε per replica, from its own accumulated gradient
     "interval": (("per_micro_batch", 1, 2), ("per_micro_batch", 2, 2)),  # the skipped step is all-reduced

@@ -9,7 +9,7 @@
 
 mSAM is SAM the optimizer with a different step (``sam_step(..., micro_batches=K)``), so the optimizer
 built here is the same for ``sam`` and ``msam``. Weight decay lives in the base optimizer, so it is not
-part of the perturbation (ALGORITHMS.md).
+part of the perturbation (docs/algorithms.md).
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-
 GROUP_OPTIONS = ("rho", "p", "adaptive", "eta")  # the per-param-group options of every SAM-family optimizer
 
 

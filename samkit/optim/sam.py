@@ -123,6 +123,11 @@ class SAM(Optimizer):
                 f"{type(self).__name__} does not take {reserved[0]!r}: its own rule decides which steps perturb and "
                 f"how; see help(samkit.{type(self).__name__})"
             )
+        if interval != 1 and "interval" not in inspect.signature(type(self).__init__).parameters:
+            raise TypeError(
+                f"{type(self).__name__} does not take 'interval': its own rule decides which steps perturb; see "
+                f"help(samkit.{type(self).__name__})"
+            )
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1 (1 = SAM on every step), got {interval!r}")
         if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
@@ -227,13 +232,37 @@ class SAM(Optimizer):
         """The constructor options a checkpoint must agree with on resume."""
         return {"interval": self.interval, "eps": self.eps}
 
+    def _param_list(self, key: str) -> list[Optional[Tensor]]:
+        """A per-parameter list in the step's memory, aligned with ``_params()`` (None where there is nothing yet).
+
+        Lists in ``self._step.memory`` are per-parameter by convention: saved as clones, loaded onto each
+        parameter's device and dtype, and grown when ``add_param_group`` adds parameters."""
+        values = self._step.memory.setdefault(key, [])
+        missing = len(self._params()) - len(values)
+        if missing > 0:
+            values.extend([None] * missing)
+        return values
+
     def _memory_state(self) -> dict[str, Any]:
-        """A variant's running state (``self._step.memory``) as saved in the state dict."""
-        return {k: v.clone() if isinstance(v, Tensor) else v for k, v in self._step.memory.items()}
+        """A variant's running state (``self._step.memory``) as saved in the state dict (copies, not aliases)."""
+        return {key: _copied(value) for key, value in self._step.memory.items()}
 
     def _load_memory_state(self, memory: dict[str, Any]) -> None:
-        self._step.memory.clear()
-        self._step.memory.update(memory)
+        params = self._params()
+        loaded = {}
+        for key, value in memory.items():
+            if isinstance(value, list):
+                if len(value) != len(params):
+                    raise ValueError(
+                        f"the checkpoint's {key!r} has {len(value)} entries but this optimizer has {len(params)} "
+                        "parameters: resume with the same parameters and param groups"
+                    )
+                value = [None if v is None else v.to(t.device, t.dtype, copy=True) for v, t in zip(value, params)]
+            else:
+                value = _copied(value)
+            loaded[key] = value
+        self._step.memory.clear()  # the same dict object: a wrapper sharing it sees the loaded state
+        self._step.memory.update(loaded)
 
     # ----------------------------------------------------------------------------------------------------------
     # the step protocol
@@ -265,6 +294,13 @@ class SAM(Optimizer):
                 "first_step() returns (or call decide()) after the clean backward"
             )
         return plan
+
+    @property
+    def clean_gradient(self) -> Optional[list[Optional[Tensor]]]:
+        """This step's clean gradient Σ_j weight_j g_j (one entry per parameter) for variants that read it in
+        second_step (``uses_clean_gradient``); None otherwise. A data-parallel loop averages it over replicas
+        in place before ``second_step`` (``sam_step`` does), so that every replica's variant state agrees."""
+        return self._step.clean
 
     @property
     def steps(self) -> int:
@@ -451,12 +487,13 @@ class SAM(Optimizer):
         """Restore w and run the base optimizer with the descent gradient (g_s, or g on a one-pass step).
 
         ``max_grad_norm`` clips the descent gradient's global 2-norm (after the variant has formed it, before the
-        base step). With a ``scaler``, the base step goes through ``scaler.step`` (skipped when the gradients overflowed);
-        the caller still calls ``scaler.update()`` once per step. Step hooks registered on this optimizer
+        base step). With a ``scaler``, the base step goes through ``scaler.step`` (skipped when the gradients
+        overflowed); the caller still calls ``scaler.update()`` once per step. Step hooks registered on this optimizer
         (``register_step_pre_hook`` / ``register_step_post_hook``) run around it.
         """
         if not self._step.decided:
             raise RuntimeError("second_step() called without first_step(): call first_step() after the first backward")
+        self.restore()  # the hooks see w, as they do around step()
         for hook in (*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
             hook(self, (self,), {})
         self._finish_step(scaler, max_grad_norm)
@@ -649,6 +686,16 @@ class SAM(Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_optimizer={self.base_optimizer!r}, {self._options()})"
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    return value
 
 
 def _unscale_once(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> None:

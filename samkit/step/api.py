@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from samkit.optim.sam import SAM
-from samkit.step.common import Precision, all_finite, skip_step
+from samkit.step.common import Precision, all_finite, is_ddp, skip_step
 from samkit.step.loop import loop_step_gradients
 
 PERTURBATIONS = ("per_micro_batch", "shared")
@@ -112,11 +112,22 @@ def sam_step(
         if not all_finite(trainable, model, precision):
             skip_step(optimizer, precision, trainable, unscaled=True)
             return loss
+    if is_ddp(model) and optimizer.clean_gradient is not None:
+        _average_over_replicas(optimizer.clean_gradient)
     optimizer.second_step(scaler=precision.scaler, max_grad_norm=max_grad_norm)
     if precision.scaler is not None:
         precision.scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss
+
+
+def _average_over_replicas(tensors) -> None:
+    present = [t for t in tensors if t is not None]
+    world = torch.distributed.get_world_size()
+    for t in present:
+        torch.distributed.all_reduce(t)
+    if present:
+        torch._foreach_div_(present, world)
 
 
 def _check_arguments(optimizer, model, inputs, targets, k, perturbation, backend, max_grad_norm, scaler):

@@ -1,4 +1,4 @@
-"""Plain references written from the formulas (ALGORITHMS.md), used to check samkit's optimizers."""
+"""Plain references written from the formulas (docs/algorithms.md), used to check samkit's optimizers."""
 
 from __future__ import annotations
 

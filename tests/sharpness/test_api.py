@@ -1,4 +1,4 @@
-"""The public API of samkit.sharpness as the issue states it: signatures, defaults, return types, data forms."""
+"""The public API of samkit.sharpness as documented: signatures, defaults, return types, data forms."""
 
 from __future__ import annotations
 

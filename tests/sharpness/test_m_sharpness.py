@@ -105,13 +105,15 @@ def test_matches_the_plain_loop_on_an_mlp(adaptive):
     assert info["gradient_evaluations"] == 9 and info["forward_passes"] == 12
 
 
-def test_one_step_on_one_micro_batch_is_sams_perturbation():
-    # The lead's SAM computes ε̂ = ρ g/(||g|| + 1e-12) independently: L(w + ε̂) − L(w) must agree.
+@pytest.mark.parametrize("adaptive,eta", [(False, 0.0), (True, 0.0), (True, 0.01)])
+def test_one_step_on_one_micro_batch_is_sams_perturbation(adaptive, eta):
+    # SAM's first_step computes ε̂ by samkit.optim.perturbation (ASAM's T = |w| + eta when adaptive): the rise
+    # L(w + ε̂) − L(w) after one ascent step of m_sharpness must agree with it.
     model = tiny_mlp()
     x, y = tiny_data()
-    value = m_sharpness(model, loss_fn, (x, y), rho=RHO, micro_batch_size=len(x), steps=1)
+    value = m_sharpness(model, loss_fn, (x, y), rho=RHO, micro_batch_size=len(x), steps=1, adaptive=adaptive, eta=eta)
     perturbed = copy.deepcopy(model)
-    sam = SAM(perturbed.parameters(), torch.optim.SGD, rho=RHO, lr=0.1)
+    sam = SAM(perturbed.parameters(), torch.optim.SGD, rho=RHO, adaptive=adaptive, eta=eta, lr=0.1)
     base = loss_fn(perturbed(x), y)
     base.backward()
     sam.first_step(zero_grad=True)
