@@ -1,8 +1,20 @@
 """samkit: sharpness-aware training for PyTorch (the SAM family), flatness measurements, experiments."""
 
 from samkit.batchnorm import frozen_running_stats
-from samkit.optim import SAM, FriendlySAM, LookSAM, Phase
+from samkit.optim import AESAM, GSAM, SAM, FriendlySAM, LateSAM, LookSAM, Phase, RandomSAM, SAMOn
 from samkit.step import sam_step
 
-__all__ = ["SAM", "FriendlySAM", "LookSAM", "Phase", "sam_step", "frozen_running_stats"]
+__all__ = [
+    "SAM",
+    "GSAM",
+    "SAMOn",
+    "FriendlySAM",
+    "LookSAM",
+    "RandomSAM",
+    "AESAM",
+    "LateSAM",
+    "Phase",
+    "sam_step",
+    "frozen_running_stats",
+]
 __version__ = "0.1.0"

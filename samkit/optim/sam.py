@@ -23,6 +23,8 @@ SAM is also the base class of the family (GSAM, LookSAM, RST, ...): it implement
     _ascent_groups(groups)  what the ascent perturbs and along which direction (default: SAM's)
     _descend(sam)           turn .grad into the descent gradient before the base step (default: as is)
     _group_rho(group)       this step's rho of a param group (default: the group's rho)
+    _after_base_step(sam)   right after the base step (Momentum-SAM moves to its next evaluation point)
+    _step_passes(sam)       the forward-backward passes this step cost (default 2 on a SAM step, else 1)
 """
 
 from __future__ import annotations
@@ -224,6 +226,9 @@ class SAM(Optimizer):
 
     def _descend(self, sam: bool) -> None:
         """Turn ``p.grad`` (g_s on a SAM step, g on a one-pass step) into the gradient the base optimizer gets."""
+
+    def _after_base_step(self, sam: bool) -> None:
+        """Runs right after the base optimizer's step (a one-pass variant moves to its next evaluation point)."""
 
     def _group_rho(self, group: dict) -> float:
         return group["rho"]
@@ -520,6 +525,7 @@ class SAM(Optimizer):
             self.base_optimizer.step()
         else:
             scaler.step(self.base_optimizer)
+        self._after_base_step(sam)
         state.end_step(sam, self._step_passes(sam))
         self._opt_called = True  # what an LR scheduler attached to this optimizer checks for
 

@@ -22,4 +22,16 @@ FAMILY: dict[str, Callable[[torch.nn.Module], samkit.SAM]] = {
     "asam": lambda m: samkit.SAM(m.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, eta=0.01, **SGD_OPTIONS),
     "fsam": lambda m: samkit.FriendlySAM(m.parameters(), torch.optim.SGD, rho=0.1, sigma=0.5, **SGD_OPTIONS),
     "looksam": lambda m: samkit.LookSAM(m.parameters(), torch.optim.SGD, rho=0.1, k=2, alpha=0.7, **SGD_OPTIONS),
+    "gsam": lambda m: samkit.GSAM(m.parameters(), torch.optim.SGD, rho=0.1, alpha=0.3, **SGD_OPTIONS),
+    "sam-on": lambda m: samkit.SAMOn(m.parameters(), torch.optim.SGD, model=m, rho=0.5, **SGD_OPTIONS),
+    "rst": lambda m: samkit.RandomSAM(m.parameters(), torch.optim.SGD, rho=0.1, prob=0.5, seed=3, **SGD_OPTIONS),
+    "aesam": lambda m: samkit.AESAM(m.parameters(), torch.optim.SGD, rho=0.1, total_steps=6, **SGD_OPTIONS),
+    "late-sam": lambda m: samkit.LateSAM(m.parameters(), torch.optim.SGD, rho=0.1, start_step=3, **SGD_OPTIONS),
 }
+
+
+def model(seed: int = 0, dtype=torch.float64) -> torch.nn.Module:
+    """The suite's model: 4 -> 8 (LayerNorm) -> 3, so that SAM-ON has normalization parameters to perturb."""
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(), torch.nn.Linear(8, 3)]
+    return torch.nn.Sequential(*layers).to(dtype)

@@ -21,7 +21,8 @@ import torch.multiprocessing as mp
 
 from samkit import sam_step
 from tests.optim.family import FAMILY
-from tests.optim.reference import batch, loss_fn, mlp
+from tests.optim.family import model as mlp
+from tests.optim.reference import batch, loss_fn
 
 NAMES = sorted(FAMILY)
 STEPS = 6
@@ -128,9 +129,11 @@ def test_clipping_bounds_the_descent_gradient_the_base_optimizer_gets(name):
     model, (x, y) = mlp(), batch(n=24)
     opt = FAMILY[name](model)
     norms = []
-    opt.base_optimizer.register_step_pre_hook(
-        lambda o, args, kwargs: norms.append(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()])).item())
-    )
+
+    def record(optimizer, args, kwargs):
+        norms.append(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()])).item())
+
+    opt.base_optimizer.register_step_pre_hook(record)
     for _ in range(STEPS):
         sam_step(opt, model, loss_fn, x, y, max_grad_norm=0.05)
     assert len(norms) == STEPS and max(norms) <= 0.05 * (1 + 1e-6)
@@ -139,8 +142,8 @@ def test_clipping_bounds_the_descent_gradient_the_base_optimizer_gets(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_batchnorm_statistics_come_from_the_clean_pass_only(name):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    model = model.double()
+    layers = [torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 3)]
+    model = torch.nn.Sequential(*layers).double()
     reference = copy.deepcopy(model)
     (x, y) = batch(n=24)
     opt = FAMILY[name](model)
