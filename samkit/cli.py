@@ -1,6 +1,6 @@
 """The ``samkit`` command: parses arguments and calls samkit.experiments, nothing more.
 
-    samkit train     --data NAME --model NAME --optimizer sgd|adam|sam|asam|msam --epochs N --out DIR [...]
+    samkit train     --data NAME --model NAME --optimizer NAME [--option NAME=VALUE ...] --epochs N --out DIR
     samkit compare   [--optimizers sgd,sam,msam --seeds 3 --rho 0.01,0.05 ...]   (no options: the README's job)
     samkit evaluate  RUN [--corruptions]
     samkit sharpness RUN
@@ -28,6 +28,7 @@ from samkit.experiments.config import (
     TrainConfig,
 )
 from samkit.experiments.distributed import DEVICES, is_main_process
+from samkit.experiments.methods import options_help
 
 # TrainConfig fields set by the shared training options, with the type each value is parsed to
 _FIELDS: dict[str, Callable[[str], Any]] = {
@@ -155,6 +156,24 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
+def _option(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. k=5), got {text!r}")
+    return name.strip().replace("-", "_"), value.strip()
+
+
+def _method_options(pairs: Optional[list[tuple[str, str]]]) -> Optional[dict[str, str]]:
+    if not pairs:
+        return None
+    options: dict[str, str] = {}
+    for name, value in pairs:
+        if name in options:
+            raise ValueError(f"--option {name} is given twice ({options[name]!r} and {value!r}): give it once")
+        options[name] = value
+    return options
+
+
 def _given_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in _FIELDS if getattr(args, name, None) is not None}
 
@@ -171,8 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samkit", description="Sharpness-aware training: train, compare, measure.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train one model and write DIR/{config,summary}.json, metrics, plots")
+    train = commands.add_parser(
+        "train",
+        help="train one model and write DIR/{config,summary}.json, metrics, plots",
+        epilog="the methods' own options (--option NAME=VALUE; default shown):\n" + options_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    train.add_argument(
+        "--option",
+        type=_option,
+        action="append",
+        metavar="NAME=VALUE",
+        help="an option of the chosen method, e.g. --optimizer looksam --option k=5 (repeatable; listed below)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", required=True, type=Path, metavar="DIR")
     train.add_argument("--resume", action="store_true", help="continue the run in DIR from its checkpoint")
@@ -233,6 +264,7 @@ def _run_train(args: argparse.Namespace) -> int:
         rho=_single(args.rho, "--rho"),
         init_from=args.init_from,
         bootstrap_from=args.bootstrap_from,
+        options=_method_options(args.option),
         **_given_fields(args),
     )
     summary = train(

@@ -23,16 +23,18 @@ from typing import Any, Optional
 
 import torch
 
-OPTIMIZERS = ("sgd", "adam", "sam", "asam", "msam")
-SAM_OPTIMIZERS = ("sam", "asam", "msam")
+from samkit.experiments.methods import METHODS, resolve_options
+
 BASE_OPTIMIZERS = ("sgd", "adam")
+SAM_OPTIMIZERS = tuple(METHODS)
+OPTIMIZERS = BASE_OPTIMIZERS + SAM_OPTIMIZERS
 SCHEDULES = ("cosine", "step", "constant")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --amp NAME -> autocast dtype
 
-DEFAULT_RHO = {"sam": 0.05, "msam": 0.05, "asam": 0.5}
+DEFAULT_RHO = {name: method.rho for name, method in METHODS.items()}
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 DEFAULT_MICRO_BATCHES = 4
-ASAM_ETA = 0.01
+ASAM_ETA = METHODS["asam"].options["eta"].default
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class TrainConfig:
     schedule: str = "cosine"
     rho: Optional[float] = None
     micro_batches: Optional[int] = None
+    options: Optional[dict] = None  # the method's own options (samkit.experiments.methods), defaults filled in
     base_optimizer: str = "sgd"
     label_smoothing: float = 0.0
     mixup: float = 0.0
@@ -132,18 +135,24 @@ class TrainConfig:
                     f"micro_batches={self.micro_batches} only applies to msam, not optimizer={self.optimizer!r}; "
                     "use --optimizer msam"
                 )
+            if self.options:
+                raise ValueError(
+                    f"options {sorted(self.options)} only apply to a SAM-family method, not optimizer="
+                    f"{self.optimizer!r}; drop --option or pick a method"
+                )
             if self.base_optimizer != "sgd":
                 raise ValueError(
                     f"base_optimizer={self.base_optimizer!r} only applies to SAM optimizers; "
                     f"use --optimizer {self.base_optimizer} for plain {self.base_optimizer}"
                 )
-            return self.replace(lr=lr, micro_batches=1)
+            return self.replace(lr=lr, micro_batches=1, options=None)
 
         rho = DEFAULT_RHO[self.optimizer] if self.rho is None else self.rho
         if not (math.isfinite(rho) and rho > 0):
             raise ValueError(f"rho must be a finite number > 0, got {rho}")
+        options = resolve_options(self.optimizer, self.options)
         micro_batches = self.micro_batches
-        if self.optimizer == "msam":
+        if METHODS[self.optimizer].micro_batches:
             micro_batches = DEFAULT_MICRO_BATCHES if micro_batches is None else micro_batches
             _check_int("micro_batches", micro_batches, minimum=2)
             if self.batch_size % micro_batches:
@@ -158,7 +167,7 @@ class TrainConfig:
             )
         else:
             micro_batches = 1
-        return self.replace(lr=lr, rho=rho, micro_batches=micro_batches)
+        return self.replace(lr=lr, rho=rho, micro_batches=micro_batches, options=options)
 
 
 def _check_choice(name: str, value: Any, choices) -> None:

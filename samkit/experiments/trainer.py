@@ -240,7 +240,8 @@ class _Training:
         data = load_run_data(config, device=self.device)
         self._check_batches(data.train_labels.shape[0])
         model = self._build_model(data)
-        optimizer = build_optimizer(model, config)
+        total_steps = (data.train_labels.shape[0] // config.batch_size) * config.epochs
+        optimizer = build_optimizer(model, config, total_steps=total_steps)
         scaler = make_scaler(config, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
