@@ -33,12 +33,14 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `samkit`
 import torch  # noqa: E402
 
 from benchmarks.allocator import keep_freed_memory  # noqa: E402
+from benchmarks.family_cost import SKIPPED, family_over_sgd  # noqa: E402
 from benchmarks.hessian_cost import hvps_power_over_lanczos  # noqa: E402
 from benchmarks.memory import peak_memory_over_sgd  # noqa: E402
 from benchmarks.msam_cost import msam_over_sam, vmap_over_loop  # noqa: E402
 from benchmarks.perturb_cost import loop_over_foreach_small, perturb_over_sgd_step  # noqa: E402
 from benchmarks.step_cost import sam_over_sgd_step  # noqa: E402
 from benchmarks.timing import check_count, threads  # noqa: E402
+from samkit.experiments.methods import METHODS  # noqa: E402
 
 # key -> (what, target as (comparison, bound) or None for "report")
 ROWS = {
@@ -59,18 +61,26 @@ ROWS = {
     "peak_memory_over_sgd": ("peak memory, SAM step / SGD step, small CNN, batch 128", None),
     "peak_memory_over_sgd_mlp": ("peak memory, SAM step / SGD step, MLP (weights dominate), batch 128", None),
 }
+# one row per method of the SAM family: its training time / SGD's over the same blocks of steps (family_cost.py)
+FAMILY_TARGETS: dict[str, tuple] = {}  # a method whose cost has a stated target (e.g. one-pass methods: <= 1.15)
+for _name in METHODS:
+    if _name not in SKIPPED:
+        ROWS[f"{_name}_over_sgd"] = (
+            f"{METHODS[_name].label} (default options) / SGD, blocks of 10 steps, small BN CNN, batch 128",
+            FAMILY_TARGETS.get(_name),
+        )
 
 # repeats and sizes; "quick" keeps the sizes of "full" (the rows mean the same) and repeats less
 PRESETS = {
     "full": dict(
         batch_size=128, warmup=2, step_repeats=21, perturb_width=4, small_tensors=800, perturb_repeats=101,
-        msam_repeats=11, vmap_micro_batches=32, vmap_repeats={"cnn": 7, "mlp": 41},
+        msam_repeats=11, vmap_micro_batches=32, vmap_repeats={"cnn": 7, "mlp": 41}, family_block=10, family_repeats=7,
         hessian_seeds=5, hessian_examples=512, hessian_train_steps=100, hessian_max_iter=2000,
         hessian_lanczos_max_iter=200, memory_batch_size=128,
     ),
     "quick": dict(
         batch_size=128, warmup=1, step_repeats=5, perturb_width=4, small_tensors=800, perturb_repeats=41,
-        msam_repeats=3, vmap_micro_batches=32, vmap_repeats={"cnn": 2, "mlp": 15},
+        msam_repeats=3, vmap_micro_batches=32, vmap_repeats={"cnn": 2, "mlp": 15}, family_block=10, family_repeats=2,
         hessian_seeds=3, hessian_examples=512, hessian_train_steps=100, hessian_max_iter=2000,
         hessian_lanczos_max_iter=200, memory_batch_size=128,
     ),
@@ -152,6 +162,14 @@ def measure(settings: dict, *, device: str = "cpu", log: Callable[[str], None] =
                 model_name=model, batch_size=s["memory_batch_size"], device=device
             ),
         )
+    rows.update(
+        timed(
+            "family",
+            lambda: family_over_sgd(
+                batch_size=batch, block=s["family_block"], repeats=s["family_repeats"], warmup=warmup, device=device
+            ),
+        )
+    )
     return {key: rows[key] for key in ROWS}
 
 
@@ -171,6 +189,9 @@ def format_table(rows: dict[str, dict]) -> str:
         met = target_met(key, row["value"])
         target_text = "report" if target is None else f"{target[0]} {target[1]}"
         met_text = "" if met is None else ("yes" if met else "**no**")
+        passes = row["details"].get("passes_per_step") if isinstance(row.get("details"), dict) else None
+        if passes is not None:
+            what = f"{what}; {passes:.2f} passes per step"
         lines.append(f"| `{key}` | {what} | {row['value']:.3f} | {target_text} | {met_text} |")
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """What the benchmarks run on: the small CNN on Fashion-MNIST-shaped batches, and bare parameter sets.
 
-    small_cnn          samkit's "cnn" (3 conv layers, 94k parameters), 1x28x28 input, 10 classes, no BatchNorm
+    small_cnn          samkit's "cnn" (3 conv layers, 94k parameters), 1x28x28 input, 10 classes, no BatchNorm;
+                       batch_norm=True: "cnn-bn", the same with BatchNorm (what SAM-ON perturbs)
     fashion_batch      random N x 1 x 28 x 28 images and labels (timing does not depend on the values)
     wide_parameters    the parameter shapes of a WRN-16-4 (2.7M parameters in 44 tensors), with gradients
     small_parameters   n small tensors (biases and 3x3 kernels of a few channels), with gradients
@@ -20,9 +21,11 @@ IMAGE_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
 
 
-def small_cnn(*, device: str = "cpu", seed: int = 0) -> nn.Module:
+def small_cnn(*, device: str = "cpu", seed: int = 0, batch_norm: bool = False) -> nn.Module:
+    """samkit's "cnn", or "cnn-bn" (the same with BatchNorm after each convolution) with ``batch_norm=True``."""
     torch.manual_seed(seed)
-    return build_model("cnn", in_channels=IMAGE_SHAPE[0], num_classes=NUM_CLASSES, image_size=IMAGE_SHAPE[1]).to(device)
+    name = "cnn-bn" if batch_norm else "cnn"
+    return build_model(name, in_channels=IMAGE_SHAPE[0], num_classes=NUM_CLASSES, image_size=IMAGE_SHAPE[1]).to(device)
 
 
 def fashion_batch(batch_size: int, *, device: str = "cpu", seed: int = 0) -> tuple[Tensor, Tensor]:

@@ -31,7 +31,7 @@ TINY = dict(
     batch_size=8, warmup=0, step_repeats=1, perturb_width=1, small_tensors=6, perturb_repeats=1,
     msam_repeats=1, vmap_micro_batches=4, vmap_repeats={"cnn": 1, "mlp": 1},
     hessian_seeds=1, hessian_examples=32, hessian_train_steps=2, hessian_max_iter=10,
-    hessian_lanczos_max_iter=5, memory_batch_size=8,
+    hessian_lanczos_max_iter=5, memory_batch_size=8, family_block=2, family_repeats=1,
 )
 REQUIRED = (
     "sam_over_sgd_step", "perturb_over_sgd_step", "perturb_over_sgd_step_swap", "loop_over_foreach_small",

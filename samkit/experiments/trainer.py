@@ -138,6 +138,7 @@ class _Training:
         self.epoch = 0
         self.step = 0
         self.wall_seconds = 0.0
+        self.train_seconds = 0.0  # the training steps alone (no evaluation): the cost a method is compared by
         self.lr = config.lr  # the learning rate of the last step taken
 
     # ---------------------------------------------------------------------------------------------------- setup
@@ -204,6 +205,7 @@ class _Training:
                 "epoch": self.epoch,
                 "step": self.step,
                 "wall_seconds": self.wall_seconds,
+                "train_seconds": self.train_seconds,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
@@ -221,6 +223,7 @@ class _Training:
             scaler.load_state_dict(payload["scaler"])
         self.epoch, self.step = int(payload["epoch"]), int(payload["step"])
         self.wall_seconds = float(payload["wall_seconds"])
+        self.train_seconds = float(payload.get("train_seconds", 0.0))
         self.metrics = list(payload["metrics"])
         data.train_labels = payload["train_labels"].cpu()
         restore_rng_state(payload["rng"])
@@ -278,7 +281,7 @@ class _Training:
                 self._say(_epoch_line(row, config.epochs))
         except KeyboardInterrupt as interrupt:
             raise TrainingInterrupted(self.out, self.epoch) from interrupt
-        return self._finish(model, data)
+        return self._finish(model, data, optimizer)
 
     def _train_epoch(self, model: nn.Module, optimizer, scaler, data: RunData) -> float:
         config, context = self.config, self.context
@@ -301,6 +304,7 @@ class _Training:
             leave=False,
             dynamic_ncols=True,
         )
+        started = time.perf_counter()
         for batch in bar:
             indices = order[batch * config.batch_size : (batch + 1) * config.batch_size]
             x, y = dataset.x_train[indices], data.train_labels[indices]
@@ -323,7 +327,9 @@ class _Training:
             if batch % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
         bar.close()
-        return context.mean(float(total) / max(1, steps_per_epoch))
+        mean_loss = float(total) / max(1, steps_per_epoch)  # float() waits for the device: the steps are done
+        self.train_seconds += time.perf_counter() - started
+        return context.mean(mean_loss)
 
     def _evaluate_epoch(self, model: nn.Module, data: RunData, train_loss: float) -> dict[str, Any]:
         dataset = data.dataset
@@ -351,7 +357,21 @@ class _Training:
             )
         return row
 
-    def _finish(self, model: nn.Module, data: RunData) -> dict[str, Any]:
+    def _cost(self, optimizer) -> dict[str, Any]:
+        """What the training steps cost: passes counted by the optimizer (a base optimizer: one per step) and the
+        measured seconds per step (training steps alone)."""
+        steps = self.step
+        passes = float(getattr(optimizer, "passes", steps))
+        return {
+            "steps": steps,
+            "passes": passes,
+            "passes_per_step": passes / steps if steps else None,
+            "sam_steps": getattr(optimizer, "sam_steps", 0),
+            "train_seconds": self.train_seconds,
+            "seconds_per_step": self.train_seconds / steps if steps else None,
+        }
+
+    def _finish(self, model: nn.Module, data: RunData, optimizer) -> dict[str, Any]:
         config, dataset = self.config, data.dataset
         test = evaluate(model, dataset.x_test, dataset.y_test, num_classes=dataset.num_classes, device=self.device)
         last = self.metrics[-1] if self.metrics else {}
@@ -380,6 +400,8 @@ class _Training:
             "lr": config.lr,
             "rho": config.rho,
             "micro_batches": config.micro_batches,
+            "options": config.options,
+            "cost": self._cost(optimizer),
             "status": status,
             "status_reason": reason,
             "prediction_counts": test.prediction_counts,
