@@ -1,12 +1,14 @@
-"""``compare``: train a grid of optimizers x (lr, rho) x seeds, select on validation, report test error.
+"""``compare``: train a grid of methods x (lr, rho, own options) x seeds, select on validation, report test error
+and cost.
 
-    for optimizer in optimizers:              rho grid only for sam/asam/msam, micro-batches only for msam
-        for lr in lrs, rho in rhos, seed in seeds:
-            train(config) -> OUT/runs/<optimizer>_lr<lr>_rho<rho>_seed<seed>/     (finished runs are reused)
-    per optimizer: the (lr, rho) with the best mean validation accuracy (report.select_settings)
+    for spec in optimizers:                   a name, or name:option=value[:option=v1|v2...] (a grid over v1, v2)
+        for lr in lrs, rho in rhos, option values, seed in seeds:      rho grid only for the SAM family
+            train(config) -> OUT/runs/<name>[_<option><value>]_lr<lr>_rho<rho>_seed<seed>/   (finished runs reused)
+    per spec: the (lr, rho, options) with the best mean validation accuracy (report.select_settings)
     OUT/results.csv     one row per run (status ok / diverged / collapsed)
     OUT/report.md       test error mean ± 95 % CI, Δ vs SGD, excluded runs, the selection table
     OUT/test_error.png  bars with CIs;  OUT/curves.png  mean test error per epoch
+    OUT/frontier.png    test error against cost (passes per step, and training time per step) relative to SGD
     (the runs' own folders hold their metrics.jsonl, checkpoint and summary, without PNGs)
 
 The runs go one after another in this process; a killed compare continues where it stopped when run again
@@ -17,13 +19,14 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from samkit.experiments import plots, report
-from samkit.experiments.config import SAM_OPTIMIZERS, TrainConfig
+from samkit.experiments.config import OPTIMIZERS, SAM_OPTIMIZERS, TrainConfig
 from samkit.experiments.files import read_jsonl, write_text
 from samkit.experiments.rundir import METRICS
 from samkit.experiments.status import OK
@@ -31,6 +34,8 @@ from samkit.experiments.trainer import train
 
 CSV_COLUMNS = (
     "optimizer",
+    "method",
+    "options",
     "lr",
     "rho",
     "micro_batches",
@@ -44,6 +49,9 @@ CSV_COLUMNS = (
     "train_loss",
     "epochs_completed",
     "wall_seconds",
+    "passes_per_step",
+    "seconds_per_step",
+    "reused",
     "selected",
     "run",
 )
@@ -66,6 +74,36 @@ class CompareResult:
     table: str  # the console table
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """One entry of --optimizers: a method, options fixed for it, and options to choose on validation."""
+
+    text: str
+    name: str
+    fixed: dict
+    grid: dict  # option -> list of values (strings, parsed by the method's registry entry)
+
+
+def parse_spec(text: str) -> MethodSpec:
+    """``looksam:k=2|5:alpha=0.7`` -> looksam with alpha fixed at 0.7 and k chosen from {2, 5} on validation."""
+    name, *parts = [part.strip() for part in text.split(":")]
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r} in {text!r}; valid: {', '.join(OPTIMIZERS)}")
+    fixed, choices = {}, {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or not value:
+            raise ValueError(f"{text!r}: expected option=value after ':', got {part!r} (e.g. looksam:k=5)")
+        if key in fixed or key in choices:
+            raise ValueError(f"{text!r} sets {key} twice")
+        values = [v.strip() for v in value.split("|") if v.strip()]
+        (choices.__setitem__(key, values) if len(values) > 1 else fixed.__setitem__(key, values[0]))
+    if (fixed or choices) and name not in SAM_OPTIMIZERS:
+        raise ValueError(f"{text!r}: {name} has no options; options belong to a SAM-family method")
+    return MethodSpec(text, name, fixed, choices)
+
+
 def grid(
     base: TrainConfig,
     *,
@@ -75,6 +113,18 @@ def grid(
     rhos: Optional[Sequence[float]] = None,
 ) -> list[TrainConfig]:
     """Every resolved config of the grid, checked before any training."""
+    return [config for _, config in grid_by_spec(base, optimizers=optimizers, seeds=seeds, lrs=lrs, rhos=rhos)]
+
+
+def grid_by_spec(
+    base: TrainConfig,
+    *,
+    optimizers: Sequence[str],
+    seeds: Sequence[int],
+    lrs: Optional[Sequence[float]] = None,
+    rhos: Optional[Sequence[float]] = None,
+) -> list[tuple[MethodSpec, TrainConfig]]:
+    """``grid`` with the spec each config belongs to."""
     if not optimizers:
         raise ValueError("optimizers must name at least one optimizer, got none")
     if len(set(optimizers)) != len(optimizers):
@@ -82,36 +132,59 @@ def grid(
     if not seeds:
         raise ValueError("seeds must hold at least one seed, got none")
     configs = []
-    for optimizer in optimizers:
-        rho_grid = list(rhos) if rhos and optimizer in SAM_OPTIMIZERS else [None]
-        micro_batches = base.micro_batches if optimizer == "msam" else None
+    for spec in map(parse_spec, optimizers):
+        rho_grid = list(rhos) if rhos and spec.name in SAM_OPTIMIZERS else [None]
+        micro_batches = base.micro_batches if spec.name == "msam" else None
+        keys = list(spec.grid)
         for lr in list(lrs) if lrs else [base.lr]:
             for rho in rho_grid:
-                for seed in seeds:
-                    changes = dict(optimizer=optimizer, lr=lr, rho=rho, seed=seed, micro_batches=micro_batches)
-                    configs.append(base.replace(**changes).resolved())
-    settings = {(c.optimizer, c.lr, c.rho) for c in configs}
+                for values in itertools.product(*(spec.grid[k] for k in keys)):
+                    options = {**spec.fixed, **dict(zip(keys, values))} or None
+                    for seed in seeds:
+                        changes = dict(
+                            optimizer=spec.name, lr=lr, rho=rho, seed=seed, micro_batches=micro_batches, options=options
+                        )
+                        configs.append((spec, base.replace(**changes).resolved()))
+    settings = {(spec.text, c.lr, c.rho, _options_text(spec, c)) for spec, c in configs}
     if base.val_fraction == 0 and len(settings) > len(optimizers):
         raise ValueError(
-            "a list of lr or rho values needs a validation split to choose from (the SAM paper held out 10 %): "
-            "pass --val-fraction 0.1"
+            "a list of lr, rho or option values needs a validation split to choose from (the SAM paper held out "
+            "10 %): pass --val-fraction 0.1"
         )
     return configs
 
 
-def run_name(config: TrainConfig) -> str:
+def _format_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _options_text(spec: MethodSpec, config: TrainConfig) -> str:
+    """The values of the spec's grid options in this config (what selection chooses among), e.g. "k=5"."""
+    return ",".join(f"{k}={_format_value(config.options[k])}" for k in spec.grid)
+
+
+def run_name(config: TrainConfig, spec: Optional[MethodSpec] = None) -> str:
+    """The run's folder name: method, the options the spec names (fixed and grid), lr, rho, seed."""
+    named = [] if spec is None else [*spec.fixed, *spec.grid]
+    options = "".join(f"_{k}{_format_value(config.options[k])}" for k in named)
     rho = "" if config.rho is None else f"_rho{config.rho:g}"
-    return f"{config.optimizer}_lr{config.lr:g}{rho}_seed{config.seed}"
+    return f"{config.optimizer}{options}_lr{config.lr:g}{rho}_seed{config.seed}"
 
 
-def _row(config: TrainConfig, summary: dict[str, Any], name: str) -> dict[str, Any]:
+def _row(config: TrainConfig, summary: dict[str, Any], name: str, spec: MethodSpec, reused: bool) -> dict[str, Any]:
     row = {key: summary.get(key) for key in CSV_COLUMNS if key in summary}
+    cost = summary.get("cost") or {}
     row.update(
-        optimizer=config.optimizer,
+        optimizer=spec.text,
+        method=config.optimizer,
+        options=_options_text(spec, config),
         lr=config.lr,
         rho=config.rho,
         micro_batches=config.micro_batches,
         seed=config.seed,
+        passes_per_step=cost.get("passes_per_step"),
+        seconds_per_step=cost.get("seconds_per_step"),
+        reused=reused,
         run=name,
     )
     return row
@@ -133,7 +206,7 @@ def _mean_curves(out: Path, groups: dict[str, list[dict[str, Any]]]) -> dict[str
         runs = [[row["test_acc"] for row in metrics] for metrics in runs if metrics]
         if runs:
             epochs = min(len(r) for r in runs)
-            curves[report.DISPLAY.get(optimizer, optimizer)] = [
+            curves[report.label(optimizer)] = [
                 100 * (1 - sum(r[e] for r in runs) / len(runs)) for e in range(epochs)
             ]
     return curves
@@ -153,16 +226,19 @@ def compare(
 ) -> CompareResult:
     """Run the grid (see the module doc) and write the report; return the rows and the paths."""
     out = Path(out)
-    configs = grid(base, optimizers=optimizers, seeds=seeds, lrs=lrs, rhos=rhos)
+    configs = grid_by_spec(base, optimizers=optimizers, seeds=seeds, lrs=lrs, rhos=rhos)
     from samkit.experiments.trainer import check_names
 
-    check_names(configs[0])
+    check_names(configs[0][1])
+    names = [run_name(config, spec) for spec, config in configs]
+    if len(set(names)) != len(names):
+        raise ValueError("two entries of --optimizers give the same runs: name each method's options once")
     rows = []
     started = time.perf_counter()
-    for index, config in enumerate(configs, 1):
-        name = run_name(config)
+    for index, ((spec, config), name) in enumerate(zip(configs, names), 1):
         if not quiet:
             print(f"[{index}/{len(configs)}] {name}", flush=True)
+        reused = (out / "runs" / name / "summary.json").exists() and not overwrite
         summary = train(
             config,
             out / "runs" / name,
@@ -172,7 +248,7 @@ def compare(
             quiet=True,
             plot=False,
         )
-        rows.append(_row(config, summary, name))
+        rows.append(_row(config, summary, name, spec, reused))
         if not quiet:
             error = summary["test_error"]
             status = "" if summary["status"] == OK else f" [{summary['status']}: {summary['status_reason']}]"
@@ -189,11 +265,16 @@ def compare(
         for line in table
         if line["ok"]
     ]
-    title = f"{', '.join(report.DISPLAY.get(o, o) for o in optimizers)} on {base.data}"
+    title = f"{', '.join(report.label(o) for o in optimizers)} on {base.data}"
+    if len(optimizers) > 4:
+        title = f"{len(optimizers)} methods on {base.data}"
     if base.label_noise:
         title += f" with {base.label_noise:.0%} label noise"
     if bars:
         plot_paths.append(plots.error_bars(bars, out / "test_error.png", title=f"{title}: test error"))
+    points = report.frontier_points(table)
+    if points:
+        plot_paths.append(plots.frontier(points, out / "frontier.png", title=f"{title}: error against cost"))
     curves = _mean_curves(out, groups)
     if curves:
         plot_paths.append(plots.mean_curves(curves, out / "curves.png", title=f"{title}: mean over ok seeds"))

@@ -5,6 +5,7 @@ hessian_evolution(metrics)    lambda_max and lambda_max / lambda_5 per epoch    
                               (the SAM paper's Hessian spectrum figure, in two numbers)
 error_bars(rows)              test error per optimizer, mean and 95 % CI               compare/test_error.png
 mean_curves(curves)           mean test error per epoch per optimizer                  compare/curves.png
+frontier(points)              test error against cost relative to SGD (passes; time)   compare/frontier.png
 """
 
 from __future__ import annotations
@@ -92,4 +93,34 @@ def mean_curves(curves: dict[str, list[float]], path: Path, *, ylabel: str = "te
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.grid(alpha=0.3)
     axis.legend()
+    return _save(figure, path)
+
+
+def frontier(points: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> Path:
+    """The accuracy-cost frontier: test error (mean ± 95 % CI) against cost relative to SGD, one point per method.
+
+    ``points``: dicts with ``label``, ``passes`` and ``time`` (ratios to SGD; time may be None), ``mean`` and
+    ``half_width`` (test error in %), ``kind`` ("sgd", "sam" or "method"). Two panels: forward-backward passes
+    per step, and training time per step. SGD and SAM are drawn as larger marked points."""
+    panels = [("passes", "forward-backward passes per step / SGD's")]
+    if any(point.get("time") is not None for point in points):
+        panels.append(("time", "training time per step / SGD's"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
+    styles = {
+        "sgd": dict(marker="s", color="black", markersize=9),
+        "sam": dict(marker="D", color="tab:red", markersize=9),
+    }
+    for axis, (key, xlabel) in zip(axes[0], panels):
+        for index, point in enumerate(points):
+            if point.get(key) is None:
+                continue
+            style = styles.get(point["kind"], dict(marker="o", color=f"C{index % 10}", markersize=6))
+            error = 0.0 if math.isnan(point["half_width"]) else point["half_width"]
+            axis.errorbar(point[key], point["mean"], yerr=error, capsize=4, linestyle="none", **style)
+            axis.annotate(
+                point["label"], (point[key], point["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7
+            )
+        axis.set(xlabel=xlabel, ylabel="test error (%)")
+        axis.grid(alpha=0.3)
+    figure.suptitle(title or "test error against cost, mean ± 95 % CI over seeds", fontsize=9)
     return _save(figure, path)

@@ -8,8 +8,15 @@
     seeds (a collapsed seed counts with its own accuracy, a diverged one as 0; a value with an ok run always
     beats one without), as the SAM paper tuned rho on a held-out 10 % of the training set.
 
-Rows are plain dicts (one per run) with at least: optimizer, lr, rho, seed, status, status_reason,
-test_error, val_accuracy, run (a label), so the table can be rebuilt from results.csv alone.
+    cost            -> passes per step (counted by the optimizer) and training seconds per step, both as
+                       ratios to SGD's (the same runs' means)
+    share of SAM's gain -> mean(Δ_method) / mean(Δ_SAM) over the seeds where SGD, SAM and the method are all ok
+                       (Δ = error − SGD's error, paired by seed), with a percentile-bootstrap interval over seeds
+
+Rows are plain dicts (one per run) with at least: optimizer (the --optimizers entry the run belongs to), lr,
+rho, seed, status, status_reason, test_error, val_accuracy, run (a label), so the table can be rebuilt from
+results.csv alone; options (the values chosen among on validation), passes_per_step and seconds_per_step when
+the run recorded them.
 """
 
 from __future__ import annotations
@@ -17,17 +24,27 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
-from samkit.experiments.stats import MeanCI, mean_ci
+from samkit.experiments.methods import METHODS
+from samkit.experiments.stats import MeanCI, RatioCI, mean_ci, ratio_of_means_ci
 from samkit.experiments.status import DIVERGED, OK
 
 Row = dict[str, Any]
-Setting = tuple[Optional[float], Optional[float]]  # (lr, rho)
+Setting = tuple[Optional[float], Optional[float], str]  # (lr, rho, the grid options' values)
 
-DISPLAY = {"sgd": "SGD", "adam": "Adam", "sam": "SAM", "asam": "ASAM", "msam": "mSAM"}
+DISPLAY = {"sgd": "SGD", "adam": "Adam", **{name: method.label for name, method in METHODS.items()}}
+KEEPS_GAIN, AT_MOST_COST = 0.9, 1.15  # the question the report answers: >= 90 % of SAM's gain at <= 1.15x SGD's time
+
+
+def label(group: str) -> str:
+    """The display name of an --optimizers entry: "LookSAM (k=2)" for looksam:k=2, "LookSAM" for looksam:k=2|5."""
+    name, *parts = group.split(":")
+    fixed = [part for part in parts if "|" not in part]
+    shown = DISPLAY.get(name, name)
+    return f"{shown} ({', '.join(fixed)})" if fixed else shown
 
 
 def setting_of(row: Row) -> Setting:
-    return (row["lr"], row["rho"])
+    return (row["lr"], row["rho"], row.get("options") or "")
 
 
 def _ok(rows: Sequence[Row]) -> list[Row]:
@@ -90,29 +107,104 @@ def paired_difference(rows: Sequence[Row], baseline: Sequence[Row]) -> MeanCI:
     return mean_ci([r["test_error"] - base[r["seed"]] for r in _ok(rows) if r["seed"] in base])
 
 
+def share_of_gain(rows: Sequence[Row], sam: Sequence[Row], baseline: Sequence[Row]) -> RatioCI:
+    """mean(error − baseline error) / mean(SAM's error − baseline error), paired by seed (all three ok)."""
+    base = {r["seed"]: r["test_error"] for r in _ok(baseline)}
+    reference = {r["seed"]: r["test_error"] for r in _ok(sam)}
+    mine = [(r["test_error"], r["seed"]) for r in _ok(rows) if r["seed"] in base and r["seed"] in reference]
+    return ratio_of_means_ci([e - base[s] for e, s in mine], [reference[s] - base[s] for _, s in mine])
+
+
+def _mean_of(rows: Sequence[Row], key: str) -> Optional[float]:
+    values = [float(r[key]) for r in _ok(rows) if r.get(key) not in (None, "")]
+    return sum(values) / len(values) if values else None
+
+
+def _ratio(value: Optional[float], reference: Optional[float]) -> Optional[float]:
+    return value / reference if value is not None and reference else None
+
+
 def summary_table(rows: Sequence[Row], *, baseline: Optional[str] = None) -> list[Row]:
-    """One line per optimizer: label, error (MeanCI), delta (MeanCI or None), ok/total counts, lr, rho."""
+    """One line per optimizer: label, error (MeanCI), delta (MeanCI or None), ok/total counts, lr, rho, options,
+    the cost ratios to the baseline (passes and time per step) and the share of SAM's gain (RatioCI or None)."""
     chosen = select_settings(rows)
     groups = selected_rows(rows, chosen)
     if baseline is None:
         baseline = "sgd" if "sgd" in groups else next(iter(groups), None)
+    base_passes = _mean_of(groups[baseline], "passes_per_step") if baseline else None
+    base_seconds = _mean_of(groups[baseline], "seconds_per_step") if baseline else None
     table = []
     for optimizer, mine in groups.items():
         ok = _ok(mine)
+        share = None
+        if "sam" in groups and optimizer not in (baseline, "sam"):
+            share = share_of_gain(mine, groups["sam"], groups[baseline])
         table.append(
             {
                 "optimizer": optimizer,
-                "label": DISPLAY.get(optimizer, optimizer),
+                "label": label(optimizer),
                 "error": mean_ci([r["test_error"] for r in ok]),
                 "delta": None if optimizer == baseline else paired_difference(mine, groups[baseline]),
+                "share": share,
+                "passes": _ratio(_mean_of(mine, "passes_per_step"), base_passes),
+                "time": _ratio(_mean_of(mine, "seconds_per_step"), base_seconds),
+                "reused": sum(1 for r in mine if str(r.get("reused")) == "True"),
                 "ok": len(ok),
                 "total": len(mine),
                 "lr": chosen[optimizer][0],
                 "rho": chosen[optimizer][1],
+                "options": chosen[optimizer][2],
                 "micro_batches": mine[0].get("micro_batches"),
             }
         )
     return table
+
+
+def frontier_points(table: Sequence[Row]) -> list[Row]:
+    """One point per method with a measured cost: (label, passes ratio, time ratio, error mean and half-width)."""
+    points = []
+    for line in table:
+        if not line["ok"] or line["passes"] is None:
+            continue
+        kind = {"sgd": "sgd", "sam": "sam"}.get(line["optimizer"], "method")
+        points.append(
+            {
+                "label": line["label"],
+                "passes": line["passes"],
+                "time": line["time"],
+                "mean": 100 * line["error"].mean,
+                "half_width": 100 * line["error"].half_width,
+                "kind": kind,
+            }
+        )
+    return points
+
+
+def verdict(table: Sequence[Row]) -> list[str]:
+    """Which methods keep >= 90 % of SAM's gain at <= 1.15x SGD's training time per step, and which do not."""
+    judged = [line for line in table if line["share"] is not None and line["share"].n]
+    if not judged:
+        return []
+    keeps = [
+        line
+        for line in judged
+        if line["share"].value >= KEEPS_GAIN and line["time"] is not None and line["time"] <= AT_MOST_COST
+    ]
+    others = [line for line in judged if line not in keeps]
+
+    def name(line: Row) -> str:
+        time = "time n/a" if line["time"] is None else f"{line['time']:.2f}x time"
+        return f"{line['label']} ({line['share'].format(scale=100)} % of the gain, {time})"
+
+    lines = [
+        "",
+        f"Keep >= {KEEPS_GAIN:.0%} of SAM's gain at <= {AT_MOST_COST:.2f}x SGD's training time per step "
+        "(point estimates; the intervals say how firm each is):",
+        "",
+        "- yes: " + ("; ".join(name(line) for line in keeps) if keeps else "none"),
+        "- no: " + ("; ".join(name(line) for line in others) if others else "none"),
+    ]
+    return lines
 
 
 def _number(value: Optional[float]) -> str:
@@ -125,24 +217,41 @@ def render_markdown(rows: Sequence[Row], *, title: str, setting: str, plots: Seq
     baseline = next((line["label"] for line in table if line["delta"] is None), "the first optimizer")
     lines = [f"# {title}", "", setting, ""]
     lines += [
-        f"| Optimizer | Test error (%) | Δ vs {baseline} (pp) | ok runs | lr | ρ | micro-batches |",
-        "|---|---|---|---|---|---|---|",
+        f"| Optimizer | Test error (%) | Δ vs {baseline} (pp) | share of SAM's gain (%) | passes / step | "
+        f"time / step vs {baseline} | ok runs | lr | ρ | options | micro-batches |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for line in table:
         error = line["error"].format(scale=100) if line["ok"] else "all runs failed"
         delta = "—" if line["delta"] is None else line["delta"].format(scale=100)
         if line["delta"] is not None and line["delta"].n:
             delta = ("+" if line["delta"].mean > 0 else "") + delta
+        share = "—" if line["share"] is None else line["share"].format(scale=100)
+        passes = "—" if line["passes"] is None else f"{line['passes']:.2f}"
+        time = "—" if line["time"] is None else f"{line['time']:.2f}x"
         lines.append(
-            f"| {line['label']} | {error} | {delta} | {line['ok']}/{line['total']} | {_number(line['lr'])} "
-            f"| {_number(line['rho'])} | {line['micro_batches'] or 1} |"
+            f"| {line['label']} | {error} | {delta} | {share} | {passes} | {time} | {line['ok']}/{line['total']} "
+            f"| {_number(line['lr'])} | {_number(line['rho'])} | {line['options'] or '—'} | "
+            f"{line['micro_batches'] or 1} |"
         )
+    reused = sum(line["reused"] for line in table)
     lines += [
         "",
         "Test error: mean ± 95 % confidence interval over seeds (Student t, n − 1 degrees of freedom). "
         f"Δ: per-seed difference to {baseline} (same seed = same initialisation and data order), mean ± 95 % CI; "
-        "negative is better.",
+        "negative is better. Share of SAM's gain: mean Δ of the method / mean Δ of SAM, over the seeds where "
+        "both ran ok, with a 95 % percentile-bootstrap interval over the seeds (rough with few seeds; over 100 "
+        "means more than SAM's gain). Passes: forward-backward passes per step over the whole batch, counted by "
+        f"the optimizer, relative to {baseline}'s one. Time: the runs' training seconds per step (evaluation "
+        f"excluded), mean over seeds, relative to {baseline}'s"
+        + (
+            f"; {reused} of the selected runs were reused from an earlier invocation, so their time was measured "
+            "then (machine load may differ)."
+            if reused
+            else ", all measured in this invocation."
+        ),
     ]
+    lines += verdict(table)
     failed = [r for r in rows if r["status"] != OK]
     if failed:
         lines += ["", "## Excluded runs", "", "Diverged or collapsed runs are not averaged in:", ""]
@@ -167,8 +276,8 @@ def _grid_section(rows: Sequence[Row]) -> list[str]:
         "",
     ]
     lines += [
-        "| Optimizer | lr | ρ | val accuracy (%) | test error (%) | ok runs | selected |",
-        "|---|---|---|---|---|---|---|",
+        "| Optimizer | lr | ρ | options | val accuracy (%) | test error (%) | ok runs | selected |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for optimizer in multi:
         for setting in dict.fromkeys(setting_of(r) for r in rows if r["optimizer"] == optimizer):
@@ -177,7 +286,7 @@ def _grid_section(rows: Sequence[Row]) -> list[str]:
             val = mean_ci([r["val_accuracy"] for r in ok if r.get("val_accuracy") is not None])
             test = mean_ci([r["test_error"] for r in ok])
             lines.append(
-                f"| {DISPLAY.get(optimizer, optimizer)} | {_number(setting[0])} | {_number(setting[1])} | "
+                f"| {label(optimizer)} | {_number(setting[0])} | {_number(setting[1])} | {setting[2] or '—'} | "
                 f"{val.format(scale=100)} | {test.format(scale=100)} | {len(ok)}/{len(mine)} | "
                 f"{'yes' if chosen[optimizer] == setting else ''} |"
             )
@@ -187,15 +296,18 @@ def _grid_section(rows: Sequence[Row]) -> list[str]:
 def console_table(rows: Sequence[Row]) -> str:
     """The summary table as aligned plain text, for the terminal."""
     table = summary_table(rows)
-    header = ("optimizer", "test error (%)", "Δ (pp)", "ok", "lr", "rho")
+    header = ("optimizer", "test error (%)", "Δ (pp)", "gain kept (%)", "passes", "time", "ok", "lr", "rho")
     body = [
         (
             line["label"],
             line["error"].format(scale=100) if line["ok"] else "all failed",
             "—" if line["delta"] is None else line["delta"].format(scale=100),
+            "—" if line["share"] is None else line["share"].format(scale=100),
+            "—" if line["passes"] is None else f"{line['passes']:.2f}",
+            "—" if line["time"] is None else f"{line['time']:.2f}x",
             f"{line['ok']}/{line['total']}",
             _number(line["lr"]),
-            _number(line["rho"]),
+            _number(line["rho"]) + (f" {line['options']}" if line["options"] else ""),
         )
         for line in table
     ]

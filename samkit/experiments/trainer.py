@@ -267,12 +267,14 @@ class _Training:
         try:
             while self.epoch < config.epochs and not diverged:
                 epoch_started = time.perf_counter()
+                trained_before = self.train_seconds
                 train_loss = self._train_epoch(wrapped, optimizer, scaler, data)
                 diverged = not math.isfinite(train_loss)
                 row = self._evaluate_epoch(model, data, train_loss)
                 self.epoch += 1
                 self.wall_seconds += time.perf_counter() - epoch_started
                 row["seconds"] = time.perf_counter() - epoch_started
+                row["train_seconds"] = self.train_seconds - trained_before
                 self.metrics.append(row)
                 if self.context.is_main:
                     write_jsonl(self.out / rundir.METRICS, self.metrics)
@@ -362,13 +364,21 @@ class _Training:
         measured seconds per step (training steps alone)."""
         steps = self.step
         passes = float(getattr(optimizer, "passes", steps))
+        # the first epoch pays one-off costs (allocator growth, lazy initialisation): leave it out when there are more
+        timed = [row.get("train_seconds") for row in self.metrics[1:]] if len(self.metrics) > 1 else []
+        per_epoch = steps // max(1, len(self.metrics))
+        if timed and all(t is not None for t in timed) and per_epoch:
+            seconds_per_step = sum(timed) / (per_epoch * len(timed))
+        else:
+            seconds_per_step = self.train_seconds / steps if steps else None
         return {
             "steps": steps,
             "passes": passes,
             "passes_per_step": passes / steps if steps else None,
             "sam_steps": getattr(optimizer, "sam_steps", 0),
             "train_seconds": self.train_seconds,
-            "seconds_per_step": self.train_seconds / steps if steps else None,
+            "seconds_per_step": seconds_per_step,
+            "timed_epochs": len(timed) if timed else len(self.metrics),
         }
 
     def _finish(self, model: nn.Module, data: RunData, optimizer) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def test_compare_writes_the_report_and_reuses_finished_runs(tmp_path):
     report = result.report_path.read_text()
     assert "| Optimizer | Test error (%) | Δ vs SGD (pp) |" in report
     assert "## Selection on the validation split" in report
-    assert sorted(p.name for p in result.plot_paths) == ["curves.png", "test_error.png"]
+    assert sorted(p.name for p in result.plot_paths) == ["curves.png", "frontier.png", "test_error.png"]
     assert all(p.stat().st_size > 1000 for p in result.plot_paths)
     assert "SGD" in result.table and "SAM" in result.table
 

@@ -26,18 +26,18 @@ def test_each_optimizer_takes_the_setting_with_the_best_mean_validation_accuracy
     rows += [row("sam", s, 0.09, rho=0.01, val=0.90) for s in range(2)]
     # the best validation score belongs to a collapsed run: it must not win
     rows += [row("sam", 0, 0.9, rho=0.5, val=0.99, status="collapsed"), row("sam", 1, 0.9, rho=0.5, status="collapsed")]
-    assert select_settings(rows) == {"sgd": (0.1, None), "sam": (0.1, 0.01)}
+    assert select_settings(rows) == {"sgd": (0.1, None, ""), "sam": (0.1, 0.01, "")}
 
 
 def test_a_value_that_fails_on_most_seeds_does_not_win_on_its_survivor():
     rows = [row("sam", 0, 0.05, rho=0.05, val=0.95)]  # the one seed where rho 0.05 learned
     rows += [row("sam", s, 0.9, rho=0.05, val=0.10, status="collapsed") for s in (1, 2)]
     rows += [row("sam", s, 0.08, rho=0.01, val=0.60) for s in range(3)]  # every seed learns, less well
-    assert select_settings(rows) == {"sam": (0.1, 0.01)}
+    assert select_settings(rows) == {"sam": (0.1, 0.01, "")}
     # a diverged seed counts as 0, whatever accuracy its NaN weights happened to score
     rows = [row("sam", 0, 0.05, rho=0.05, val=0.95), row("sam", 1, float("nan"), rho=0.05, val=0.9, status="diverged")]
     rows += [row("sam", s, 0.08, rho=0.01, val=0.60) for s in range(2)]
-    assert select_settings(rows) == {"sam": (0.1, 0.01)}
+    assert select_settings(rows) == {"sam": (0.1, 0.01, "")}
     assert "averaged over all its seeds" in render_markdown(rows, title="t", setting="s")
 
 
