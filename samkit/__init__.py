@@ -1,7 +1,7 @@
 """samkit: sharpness-aware training for PyTorch (the SAM family), flatness measurements, experiments."""
 
 from samkit.batchnorm import frozen_running_stats
-from samkit.optim import AESAM, GSAM, SAM, FriendlySAM, LateSAM, LookSAM, Phase, RandomSAM, SAMOn
+from samkit.optim import AESAM, GSAM, SAM, FriendlySAM, LateSAM, LookSAM, MomentumSAM, Phase, RandomSAM, SAMOn
 from samkit.step import sam_step
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "RandomSAM",
     "AESAM",
     "LateSAM",
+    "MomentumSAM",
     "Phase",
     "sam_step",
     "frozen_running_stats",

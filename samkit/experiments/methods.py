@@ -15,6 +15,7 @@ config, so a run directory says exactly what ran. Adding a method is adding an e
     rst         RandomSAM                SAM with probability p                                            1 + p
     aesam       AESAM                    SAM when ||g||² is high against its running mean and spread       1 + share
     late-sam    LateSAM                  the base optimizer first, SAM for the last fraction               1 + fraction
+    momentum-sam MomentumSAM             the gradient at w − ρ·m/||m|| (m: the base's momentum)            1
 """
 
 from __future__ import annotations
@@ -191,6 +192,12 @@ def _late_sam(ctx: BuildContext, o: dict):
     )
 
 
+def _momentum_sam(ctx: BuildContext, o: dict):
+    from samkit.optim import MomentumSAM
+
+    return MomentumSAM(ctx.params, ctx.base_class, rho=ctx.rho, **ctx.base_options)
+
+
 METHODS: dict[str, Method] = {
     "sam": Method(
         "SAM",
@@ -274,6 +281,7 @@ METHODS: dict[str, Method] = {
         _late_sam,
         {"sam_fraction": Option(float, 0.0625, "the last fraction of the steps that are SAM steps")},
     ),
+    "momentum-sam": Method("Momentum-SAM", 3.0, "Becker, Altrock, Risse, TMLR 2024, arXiv 2401.12033", _momentum_sam),
 }
 
 

@@ -235,7 +235,9 @@ class _Training:
         started = time.perf_counter()
         config = self.config
         resume_from = self._prepare_dir(resume=resume, overwrite=overwrite)
-        if resume_from is not None and (self.out / rundir.SUMMARY).exists():
+        # a finished run is read back, with or without its checkpoint (committed results keep config, metrics and
+        # summary only); prepare_run_dir has checked that its config is this one
+        if resume and (self.out / rundir.CONFIG).exists() and (self.out / rundir.SUMMARY).exists():
             finished = read_json(self.out / rundir.SUMMARY)
             if finished.get("epochs_completed") == config.epochs or finished.get("status") == DIVERGED:
                 self._say(f"{self.out} is already finished")
@@ -268,7 +270,9 @@ class _Training:
             while self.epoch < config.epochs and not diverged:
                 epoch_started = time.perf_counter()
                 trained_before = self.train_seconds
+                _set_mode(optimizer, training=True)  # Momentum-SAM: back to its ascent point (others: nothing)
                 train_loss = self._train_epoch(wrapped, optimizer, scaler, data)
+                _set_mode(optimizer, training=False)  # evaluation and the checkpoint see the weights w
                 diverged = not math.isfinite(train_loss)
                 row = self._evaluate_epoch(model, data, train_loss)
                 self.epoch += 1
@@ -433,6 +437,13 @@ class _Training:
                 f"test loss {test.loss:.4f} after {self.epoch} epochs in {self.wall_seconds:.1f} s -> {self.out}"
             )
         return summary
+
+
+def _set_mode(optimizer, *, training: bool) -> None:
+    """The SAM family's eval()/train() pair around evaluation and checkpoints (a base optimizer has neither)."""
+    method = getattr(optimizer, "train" if training else "eval", None)
+    if callable(method):
+        method()
 
 
 def _epoch_line(row: dict[str, Any], epochs: int) -> str:

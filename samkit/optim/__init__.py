@@ -5,9 +5,10 @@ from samkit.optim.fsam import FriendlySAM
 from samkit.optim.gsam import GSAM
 from samkit.optim.late_sam import LateSAM
 from samkit.optim.looksam import LookSAM
+from samkit.optim.momentum_sam import MomentumSAM
 from samkit.optim.protocol import Phase
 from samkit.optim.rst import RandomSAM
 from samkit.optim.sam import SAM
 from samkit.optim.sam_on import SAMOn
 
-__all__ = ["SAM", "GSAM", "SAMOn", "FriendlySAM", "LookSAM", "RandomSAM", "AESAM", "LateSAM", "Phase"]
+__all__ = ["SAM", "GSAM", "SAMOn", "FriendlySAM", "LookSAM", "RandomSAM", "AESAM", "LateSAM", "MomentumSAM", "Phase"]

@@ -44,7 +44,8 @@ from samkit.optim.protocol import Phase, StepState
 RESTORE_BY = ("copy", "swap")
 
 
-def _check_base_optimizer(base_optimizer) -> None:
+def check_base_optimizer(base_optimizer) -> None:
+    """Refuse, with the reason, a base optimizer the family cannot wrap (not an Optimizer, a SAM, LBFGS)."""
     cls = base_optimizer if isinstance(base_optimizer, type) else type(base_optimizer)
     if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
         raise TypeError(
@@ -118,7 +119,7 @@ class SAM(Optimizer):
         restore_by: str = "copy",
         **base_kwargs: Any,
     ) -> None:
-        _check_base_optimizer(base_optimizer)
+        check_base_optimizer(base_optimizer)
         reserved = sorted(set(base_kwargs) & set(inspect.signature(SAM.__init__).parameters))
         if reserved:
             raise TypeError(
@@ -306,6 +307,19 @@ class SAM(Optimizer):
         second_step (``uses_clean_gradient``); None otherwise. A data-parallel loop averages it over replicas
         in place before ``second_step`` (``sam_step`` does), so that every replica's variant state agrees."""
         return self._step.clean
+
+    @property
+    def training(self) -> bool:
+        """Whether the weights are where training steps need them (see ``eval``); always True for SAM."""
+        return True
+
+    def eval(self) -> None:
+        """Put the weights where evaluation and checkpoints must see them. SAM keeps them at w between steps, so
+        this does nothing; a variant whose weights sit elsewhere between steps (Momentum-SAM) moves them back.
+        A loop calls ``optimizer.eval()`` before evaluating or saving and ``optimizer.train()`` after."""
+
+    def train(self) -> None:
+        """Undo ``eval()`` before the next training step (nothing to undo for SAM)."""
 
     @property
     def steps(self) -> int:

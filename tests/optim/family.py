@@ -27,6 +27,7 @@ FAMILY: dict[str, Callable[[torch.nn.Module], samkit.SAM]] = {
     "rst": lambda m: samkit.RandomSAM(m.parameters(), torch.optim.SGD, rho=0.1, prob=0.5, seed=3, **SGD_OPTIONS),
     "aesam": lambda m: samkit.AESAM(m.parameters(), torch.optim.SGD, rho=0.1, total_steps=6, **SGD_OPTIONS),
     "late-sam": lambda m: samkit.LateSAM(m.parameters(), torch.optim.SGD, rho=0.1, start_step=3, **SGD_OPTIONS),
+    "momentum-sam": lambda m: samkit.MomentumSAM(m.parameters(), torch.optim.SGD, rho=0.5, **SGD_OPTIONS),
 }
 
 

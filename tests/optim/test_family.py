@@ -91,8 +91,10 @@ def test_micro_batch_steps_run_and_count(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_checkpoint_and_deepcopy_continue_bit_exactly(name):
-    straight, _ = stepped(name, "sam_step", steps=STEPS, micro_batches=2)
+    straight, final = stepped(name, "sam_step", steps=STEPS, micro_batches=2)
+    final.eval()
     first, opt = stepped(name, "sam_step", steps=3, micro_batches=2)
+    opt.eval()  # the protocol's checkpoint rule: weights where evaluation must see them (Momentum-SAM moves)
     buffer = io.BytesIO()
     torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
@@ -101,11 +103,14 @@ def test_checkpoint_and_deepcopy_continue_bit_exactly(name):
     resumed.load_state_dict(saved["model"])
     opt2 = FAMILY[name](resumed)
     opt2.load_state_dict(saved["opt"])
-    twin_model, twin_opt = copy.deepcopy((first, opt)).__iter__()
+    twin_model, twin_opt = copy.deepcopy((first, opt))
+    for optimizer in (opt, opt2, twin_opt):
+        optimizer.train()
     (x, y) = batch(n=24)
     for model, optimizer in ((resumed, opt2), (twin_model, twin_opt), (first, opt)):
         for _ in range(STEPS - 3):
             sam_step(optimizer, model, loss_fn, x, y, micro_batches=2)
+        optimizer.eval()
         assert torch.equal(weights(model), weights(straight))
         assert optimizer.steps == STEPS
 
