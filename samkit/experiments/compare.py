@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 from samkit.experiments import plots, report
 from samkit.experiments.config import OPTIMIZERS, SAM_OPTIMIZERS, TrainConfig
 from samkit.experiments.files import read_jsonl, write_text
+from samkit.experiments.methods import METHODS
 from samkit.experiments.rundir import METRICS
 from samkit.experiments.status import OK
 from samkit.experiments.trainer import train
@@ -99,8 +100,8 @@ def parse_spec(text: str) -> MethodSpec:
             raise ValueError(f"{text!r} sets {key} twice")
         values = [v.strip() for v in value.split("|") if v.strip()]
         (choices.__setitem__(key, values) if len(values) > 1 else fixed.__setitem__(key, values[0]))
-    if (fixed or choices) and name not in SAM_OPTIMIZERS:
-        raise ValueError(f"{text!r}: {name} has no options; options belong to a SAM-family method")
+    if (fixed or choices) and name not in METHODS:
+        raise ValueError(f"{text!r}: {name} has no options; options belong to a method of samkit.experiments.methods")
     return MethodSpec(text, name, fixed, choices)
 
 

@@ -26,12 +26,13 @@ import torch
 from samkit.experiments.methods import METHODS, resolve_options
 
 BASE_OPTIMIZERS = ("sgd", "adam")
-SAM_OPTIMIZERS = tuple(METHODS)
-OPTIMIZERS = BASE_OPTIMIZERS + SAM_OPTIMIZERS
+SAM_OPTIMIZERS = tuple(name for name, method in METHODS.items() if method.is_optimizer)
+LOSS_METHODS = tuple(name for name, method in METHODS.items() if not method.is_optimizer)  # mesa, saf
+OPTIMIZERS = BASE_OPTIMIZERS + SAM_OPTIMIZERS + LOSS_METHODS
 SCHEDULES = ("cosine", "step", "constant")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --amp NAME -> autocast dtype
 
-DEFAULT_RHO = {name: method.rho for name, method in METHODS.items()}
+DEFAULT_RHO = {name: method.rho for name, method in METHODS.items() if method.rho is not None}
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 DEFAULT_MICRO_BATCHES = 4
 ASAM_ETA = METHODS["asam"].options["eta"].default
@@ -74,9 +75,15 @@ class TrainConfig:
         return self.optimizer in SAM_OPTIMIZERS
 
     @property
+    def trajectory_loss(self) -> Optional[str]:
+        """"mesa" or "saf" for the one-pass loss methods (samkit.losses), None otherwise."""
+        method = METHODS.get(self.optimizer)
+        return None if method is None else method.loss
+
+    @property
     def base(self) -> str:
         """The optimizer that takes the step: ``sgd`` or ``adam``."""
-        return self.base_optimizer if self.is_sam else self.optimizer
+        return self.base_optimizer if self.optimizer in METHODS else self.optimizer
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,6 +132,7 @@ class TrainConfig:
             raise ValueError(f"lr must be a finite number > 0, got {lr}")
 
         if not self.is_sam:
+            loss_method = self.trajectory_loss is not None
             if self.rho is not None:
                 raise ValueError(
                     f"rho={self.rho} only applies to {'/'.join(SAM_OPTIMIZERS)}, not optimizer={self.optimizer!r}; "
@@ -135,17 +143,18 @@ class TrainConfig:
                     f"micro_batches={self.micro_batches} only applies to msam, not optimizer={self.optimizer!r}; "
                     "use --optimizer msam"
                 )
-            if self.options:
+            if self.options and not loss_method:
                 raise ValueError(
                     f"options {sorted(self.options)} only apply to a SAM-family method, not optimizer="
                     f"{self.optimizer!r}; drop --option or pick a method"
                 )
-            if self.base_optimizer != "sgd":
+            if self.base_optimizer != "sgd" and not loss_method:
                 raise ValueError(
                     f"base_optimizer={self.base_optimizer!r} only applies to SAM optimizers; "
                     f"use --optimizer {self.base_optimizer} for plain {self.base_optimizer}"
                 )
-            return self.replace(lr=lr, micro_batches=1, options=None)
+            options = resolve_options(self.optimizer, self.options) if loss_method else None
+            return self.replace(lr=lr, micro_batches=1, options=options)
 
         rho = DEFAULT_RHO[self.optimizer] if self.rho is None else self.rho
         if not (math.isfinite(rho) and rho > 0):

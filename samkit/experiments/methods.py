@@ -16,6 +16,11 @@ config, so a run directory says exactly what ran. Adding a method is adding an e
     aesam       AESAM                    SAM when ||g||² is high against its running mean and spread       1 + share
     late-sam    LateSAM                  the base optimizer first, SAM for the last fraction               1 + fraction
     momentum-sam MomentumSAM             the gradient at w − ρ·m/||m|| (m: the base's momentum)            1
+
+and two methods that are losses, not optimizers (samkit.losses; the base optimizer steps, one pass):
+
+    mesa        MESALoss                 loss + λ τ² KL(EMA model's outputs || the model's)               1 + 1 fwd
+    saf         SAFLoss                  loss + λ τ² KL(each example's logits `delay` epochs ago || now)  1
 """
 
 from __future__ import annotations
@@ -56,11 +61,17 @@ class BuildContext:
 @dataclass(frozen=True)
 class Method:
     label: str
-    rho: float  # the default radius
+    rho: Optional[float]  # the default radius (None: a loss method, no perturbation)
     paper: str
-    build: Callable[[BuildContext, dict], torch.optim.Optimizer]
+    build: Optional[Callable[[BuildContext, dict], torch.optim.Optimizer]]  # None: the base optimizer alone
     options: dict[str, Option] = field(default_factory=dict)
     micro_batches: bool = False  # sam_step splits the batch (mSAM)
+    loss: Optional[str] = None  # "mesa" / "saf": a trajectory loss around the base optimizer (experiments/trajectory)
+
+    @property
+    def is_optimizer(self) -> bool:
+        """A SAM-family optimizer (stepped with sam_step), as opposed to a loss around the base optimizer."""
+        return self.loss is None
 
 
 def _bool(text: str) -> bool:
@@ -282,6 +293,32 @@ METHODS: dict[str, Method] = {
         {"sam_fraction": Option(float, 0.0625, "the last fraction of the steps that are SAM steps")},
     ),
     "momentum-sam": Method("Momentum-SAM", 3.0, "Becker, Altrock, Risse, TMLR 2024, arXiv 2401.12033", _momentum_sam),
+    "mesa": Method(
+        "MESA",
+        None,
+        "Du et al., NeurIPS 2022, arXiv 2205.14083",
+        None,
+        {
+            "lam": Option(float, 0.8, "weight of the trajectory term"),
+            "tau": Option(float, 5.0, "temperature of the KL term"),
+            "start_epoch": Option(int, 6, "first epoch (counted from 0) with the term"),
+            "decay": Option(float, 0.9998, "decay of the weights' EMA per step"),
+        },
+        loss="mesa",
+    ),
+    "saf": Method(
+        "SAF",
+        None,
+        "Du et al., NeurIPS 2022, arXiv 2205.14083",
+        None,
+        {
+            "lam": Option(float, 0.3, "weight of the trajectory term"),
+            "tau": Option(float, 5.0, "temperature of the KL term"),
+            "start_epoch": Option(int, 6, "first epoch (counted from 0) with the term"),
+            "delay": Option(int, 3, "how many epochs old each example's reference logits are"),
+        },
+        loss="saf",
+    ),
 }
 
 

@@ -139,6 +139,7 @@ class _Training:
         self.step = 0
         self.wall_seconds = 0.0
         self.train_seconds = 0.0  # the training steps alone (no evaluation): the cost a method is compared by
+        self.term = None  # MESA's or SAF's trajectory term (experiments/trajectory.py), for those methods
         self.lr = config.lr  # the learning rate of the last step taken
 
     # ---------------------------------------------------------------------------------------------------- setup
@@ -209,6 +210,7 @@ class _Training:
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
+                "trajectory": self.term.state_dict() if self.term is not None else None,
                 "metrics": self.metrics,
                 "train_labels": data.train_labels,
                 "world_size": self.context.world_size,
@@ -221,6 +223,8 @@ class _Training:
         optimizer.load_state_dict(payload["optimizer"])
         if scaler is not None and payload["scaler"] is not None:
             scaler.load_state_dict(payload["scaler"])
+        if self.term is not None:
+            self.term.load_state_dict(payload["trajectory"])
         self.epoch, self.step = int(payload["epoch"]), int(payload["step"])
         self.wall_seconds = float(payload["wall_seconds"])
         self.train_seconds = float(payload.get("train_seconds", 0.0))
@@ -245,6 +249,18 @@ class _Training:
         data = load_run_data(config, device=self.device)
         self._check_batches(data.train_labels.shape[0])
         model = self._build_model(data)
+        if config.trajectory_loss is not None:
+            from samkit.experiments.trajectory import build_term
+
+            self.term = build_term(
+                config.trajectory_loss,
+                dict(config.options or {}),
+                model=model,
+                base_loss=make_loss_fn(config.label_smoothing),
+                num_examples=data.train_labels.shape[0],
+                num_classes=data.dataset.num_classes,
+                distributed=self.context.distributed,
+            )
         total_steps = (data.train_labels.shape[0] // config.batch_size) * config.epochs
         optimizer = build_optimizer(model, config, total_steps=total_steps)
         scaler = make_scaler(config, self.device)
@@ -322,12 +338,17 @@ class _Training:
             if config.mixup > 0:
                 x, targets = mixup(x, y, config.mixup, dataset.num_classes, mixup_rng, augment_generator)
             x, targets = context.shard(x).to(self.device), context.shard(targets).to(self.device)
+            step_loss = loss_fn
+            if self.term is not None:
+                step_loss = self.term.loss_fn(x, context.shard(indices).to(self.device), self.epoch)
             self.lr = set_learning_rate(optimizer, self.step, total_steps, config.schedule)
             try:
-                loss = train_step(config, optimizer, model, loss_fn, x, targets, scaler=scaler)
+                loss = train_step(config, optimizer, model, step_loss, x, targets, scaler=scaler)
             except FloatingPointError as error:
                 self._say(f"diverged at step {self.step}: {error}")
                 return math.nan
+            if self.term is not None:
+                self.term.after_step()
             self.step += 1
             total += loss.detach().double()
             if batch % 10 == 0:
@@ -380,6 +401,7 @@ class _Training:
             "passes": passes,
             "passes_per_step": passes / steps if steps else None,
             "sam_steps": getattr(optimizer, "sam_steps", 0),
+            "extra_forwards_per_step": (self.term.extra_forwards / steps if steps else None) if self.term else 0.0,
             "train_seconds": self.train_seconds,
             "seconds_per_step": seconds_per_step,
             "timed_epochs": len(timed) if timed else len(self.metrics),

@@ -165,3 +165,36 @@ def test_a_progress_bar_on_every_epoch_on_a_terminal_and_none_when_quiet(tmp_pat
     terminal.seek(0), terminal.truncate()
     train(TINY, tmp_path / "quiet", device="cpu", plot=False, quiet=True)
     assert terminal.getvalue() == ""
+
+
+@pytest.mark.parametrize(
+    "optimizer,options",
+    [
+        ("mesa", {"start_epoch": 1, "decay": 0.9}),
+        ("saf", {"start_epoch": 1, "delay": 1}),
+        ("momentum-sam", None),
+        ("rst", None),
+        ("looksam", {"k": 3}),
+    ],
+)
+def test_every_kind_of_method_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, optimizer, options):
+    # the EMA model, the logit memory, the weights kept at an ascent point, a generator's draws, a stored g_v
+    config = RESUMABLE.replace(optimizer=optimizer, options=options)
+    whole = train(config, tmp_path / "whole", device="cpu", quiet=True, plot=False)
+    real_step, calls = trainer_module.train_step, []
+
+    def interrupt_in_epoch_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 * (192 // RESUMABLE.batch_size) + 1:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", interrupt_in_epoch_three)
+    with pytest.raises(TrainingInterrupted, match="holds epoch 2"):
+        train(config, tmp_path / "cut", device="cpu", quiet=True, plot=False)
+    monkeypatch.setattr(trainer_module, "train_step", real_step)
+    resumed = train(config, tmp_path / "cut", device="cpu", resume=True, quiet=True, plot=False)
+    assert_same_weights(weights(tmp_path / "whole"), weights(tmp_path / "cut"))
+    assert resumed["test_loss"] == whole["test_loss"]
+    assert resumed["cost"]["passes"] == whole["cost"]["passes"]
+    assert resumed["cost"]["extra_forwards_per_step"] == whole["cost"]["extra_forwards_per_step"]
