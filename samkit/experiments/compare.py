@@ -86,7 +86,9 @@ class MethodSpec:
 
 
 def parse_spec(text: str) -> MethodSpec:
-    """``looksam:k=2|5:alpha=0.7`` -> looksam with alpha fixed at 0.7 and k chosen from {2, 5} on validation."""
+    """``looksam:k=2|5:alpha=0.7`` -> looksam with alpha fixed at 0.7 and k chosen from {2, 5} on validation.
+
+    ``rho`` may be named too (``asam:rho=0.2|0.5|1``): that spec's own rho grid, in place of --rho."""
     name, *parts = [part.strip() for part in text.split(":")]
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r} in {text!r}; valid: {', '.join(OPTIMIZERS)}")
@@ -135,12 +137,18 @@ def grid_by_spec(
     configs = []
     for spec in map(parse_spec, optimizers):
         rho_grid = list(rhos) if rhos and spec.name in SAM_OPTIMIZERS else [None]
+        own_rho = spec.grid.get("rho") or ([spec.fixed["rho"]] if "rho" in spec.fixed else None)
+        if own_rho is not None:
+            if spec.name not in SAM_OPTIMIZERS:
+                raise ValueError(f"{spec.text!r}: {spec.name} has no rho")
+            rho_grid = [float(value) for value in own_rho]
         micro_batches = base.micro_batches if spec.name == "msam" else None
-        keys = list(spec.grid)
+        keys = [key for key in spec.grid if key != "rho"]
         for lr in list(lrs) if lrs else [base.lr]:
             for rho in rho_grid:
                 for values in itertools.product(*(spec.grid[k] for k in keys)):
-                    options = {**spec.fixed, **dict(zip(keys, values))} or None
+                    fixed = {k: v for k, v in spec.fixed.items() if k != "rho"}
+                    options = {**fixed, **dict(zip(keys, values))} or None
                     for seed in seeds:
                         changes = dict(
                             optimizer=spec.name, lr=lr, rho=rho, seed=seed, micro_batches=micro_batches, options=options
@@ -161,12 +169,12 @@ def _format_value(value: Any) -> str:
 
 def _options_text(spec: MethodSpec, config: TrainConfig) -> str:
     """The values of the spec's grid options in this config (what selection chooses among), e.g. "k=5"."""
-    return ",".join(f"{k}={_format_value(config.options[k])}" for k in spec.grid)
+    return ",".join(f"{k}={_format_value(config.options[k])}" for k in spec.grid if k != "rho")
 
 
 def run_name(config: TrainConfig, spec: Optional[MethodSpec] = None) -> str:
     """The run's folder name: method, the options the spec names (fixed and grid), lr, rho, seed."""
-    named = [] if spec is None else [*spec.fixed, *spec.grid]
+    named = [] if spec is None else [k for k in (*spec.fixed, *spec.grid) if k != "rho"]
     options = "".join(f"_{k}{_format_value(config.options[k])}" for k in named)
     rho = "" if config.rho is None else f"_rho{config.rho:g}"
     return f"{config.optimizer}{options}_lr{config.lr:g}{rho}_seed{config.seed}"

@@ -38,7 +38,7 @@ KEEPS_GAIN, AT_MOST_COST = 0.9, 1.15  # the question the report answers: >= 90 %
 def label(group: str) -> str:
     """The display name of an --optimizers entry: "LookSAM (k=2)" for looksam:k=2, "LookSAM" for looksam:k=2|5."""
     name, *parts = group.split(":")
-    fixed = [part for part in parts if "|" not in part]
+    fixed = [part for part in parts if "|" not in part and not part.startswith("rho=")]
     shown = DISPLAY.get(name, name)
     return f"{shown} ({', '.join(fixed)})" if fixed else shown
 

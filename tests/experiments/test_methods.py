@@ -89,6 +89,10 @@ def test_specs_parse_fixed_and_grid_options():
     ]
     with pytest.raises(ValueError, match="needs a validation split"):
         grid_by_spec(TINY, optimizers=["looksam:k=2|5"], seeds=[0])
+    own = grid_by_spec(base, optimizers=["asam:rho=0.2|1", "sam"], seeds=[0], rhos=[0.05, 0.1])
+    assert [(c.optimizer, c.rho) for _, c in own] == [("asam", 0.2), ("asam", 1.0), ("sam", 0.05), ("sam", 0.1)]
+    with pytest.raises(ValueError, match="mesa has no rho"):
+        grid_by_spec(base, optimizers=["mesa:rho=0.1"], seeds=[0])
 
 
 def test_ratio_of_means_interval_by_hand():
