@@ -13,40 +13,18 @@ neither variant always runs on a warm or a cold cache::
 from __future__ import annotations
 
 import statistics
-import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import torch
+
+from samkit.experiments.timing import interleaved, synchronize  # noqa: F401  (the one implementation; re-exported)
 
 
 def check_count(name: str, value: object, *, minimum: int) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is an int >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def interleaved(
-    variants: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int = 1
-) -> dict[str, list[float]]:
-    """Seconds per call of each variant, one list entry per round (see the module docstring)."""
-    check_count("repeats", repeats, minimum=1)
-    check_count("warmup", warmup, minimum=0)
-    if not variants:
-        raise ValueError("variants is empty: give at least one name -> callable")
-    names = list(variants)
-    for name in names:
-        for _ in range(warmup):
-            variants[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else reversed(names):
-            _synchronize()
-            start = time.perf_counter()
-            variants[name]()
-            _synchronize()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def median_ratio(times: Mapping[str, list[float]], numerator: str, denominator: str) -> float:
@@ -72,8 +50,3 @@ def threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()

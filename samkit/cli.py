@@ -224,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--out", type=Path, default=Path("runs/compare"), metavar="DIR")
     compare.add_argument("--overwrite", action="store_true", help="retrain every run instead of reusing them")
+    compare.add_argument(
+        "--time-steps",
+        type=int,
+        default=20,
+        metavar="N",
+        help="after training, time each method's selected setting side by side in blocks of N steps for the "
+        "report's time column (default 20; 0: the runs' own training times)",
+    )
     _add_training_options(compare)
 
     evaluate = commands.add_parser("evaluate", help="test accuracy of a saved run, clean and under corruptions")
@@ -292,6 +300,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         quiet=args.quiet,
+        time_steps=args.time_steps,
     )
     print()
     print(result.table)

@@ -232,8 +232,13 @@ def compare(
     device: str = "auto",
     overwrite: bool = False,
     quiet: bool = False,
+    time_steps: int = 20,
 ) -> CompareResult:
-    """Run the grid (see the module doc) and write the report; return the rows and the paths."""
+    """Run the grid (see the module doc) and write the report; return the rows and the paths.
+
+    ``time_steps`` > 0 times every method's selected setting again after training, side by side in this process
+    (``samkit.experiments.timing``: blocks of that many steps, 5 interleaved rounds), for the report's time
+    column; 0 reports the runs' own training seconds per step instead."""
     out = Path(out)
     configs = grid_by_spec(base, optimizers=optimizers, seeds=seeds, lrs=lrs, rhos=rhos)
     from samkit.experiments.trainer import check_names
@@ -267,7 +272,8 @@ def compare(
     for row in rows:
         row["selected"] = chosen[row["optimizer"]] == report.setting_of(row)
     groups = report.selected_rows(rows, chosen)
-    table = report.summary_table(rows)
+    timing = _time_selected(configs, rows, time_steps, device, quiet) if time_steps else None
+    table = report.summary_table(rows, timing=timing)
     plot_paths = []
     bars = [
         {"label": line["label"], "mean": 100 * line["error"].mean, "half_width": 100 * line["error"].half_width}
@@ -299,9 +305,27 @@ def compare(
             title=f"{title} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})",
             setting=_setting_line(base, seeds, elapsed),
             plots=[p.name for p in plot_paths],
+            timing=timing,
         ),
     )
-    return CompareResult(rows, report_path, csv_path, plot_paths, report.console_table(rows))
+    return CompareResult(rows, report_path, csv_path, plot_paths, report.console_table(rows, timing=timing))
+
+
+def _time_selected(configs, rows, steps: int, device: str, quiet: bool) -> dict[str, float]:
+    """Seconds per step of each group's selected setting, timed side by side now (its first seed's config)."""
+    from samkit.experiments.distributed import resolve_device
+    from samkit.experiments.timing import time_methods
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"time_steps must be an integer >= 0 (0: use the runs' own times), got {steps!r}")
+    selected = {}
+    for (spec, config), row in zip(configs, rows):
+        if row["selected"] and spec.text not in selected:
+            selected[spec.text] = config
+    if not quiet:
+        print(f"timing {len(selected)} methods side by side ({steps} steps a block, 5 rounds)", flush=True)
+    timed = time_methods(selected, steps=steps, repeats=5, device=str(resolve_device(device)))
+    return {group: result["seconds_per_step"] for group, result in timed.items()}
 
 
 def _setting_line(base: TrainConfig, seeds: Sequence[int], elapsed: float) -> str:

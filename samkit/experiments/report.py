@@ -124,9 +124,14 @@ def _ratio(value: Optional[float], reference: Optional[float]) -> Optional[float
     return value / reference if value is not None and reference else None
 
 
-def summary_table(rows: Sequence[Row], *, baseline: Optional[str] = None) -> list[Row]:
+def summary_table(
+    rows: Sequence[Row], *, baseline: Optional[str] = None, timing: Optional[dict[str, float]] = None
+) -> list[Row]:
     """One line per optimizer: label, error (MeanCI), delta (MeanCI or None), ok/total counts, lr, rho, options,
-    the cost ratios to the baseline (passes and time per step) and the share of SAM's gain (RatioCI or None)."""
+    the cost ratios to the baseline (passes and time per step) and the share of SAM's gain (RatioCI or None).
+
+    ``timing`` (group -> seconds per step, timed side by side) gives the time ratios; without it they come from
+    the runs' own training seconds per step."""
     chosen = select_settings(rows)
     groups = selected_rows(rows, chosen)
     if baseline is None:
@@ -147,7 +152,11 @@ def summary_table(rows: Sequence[Row], *, baseline: Optional[str] = None) -> lis
                 "delta": None if optimizer == baseline else paired_difference(mine, groups[baseline]),
                 "share": share,
                 "passes": _ratio(_mean_of(mine, "passes_per_step"), base_passes),
-                "time": _ratio(_mean_of(mine, "seconds_per_step"), base_seconds),
+                "time": (
+                    _ratio(timing.get(optimizer), timing.get(baseline))
+                    if timing
+                    else _ratio(_mean_of(mine, "seconds_per_step"), base_seconds)
+                ),
                 "reused": sum(1 for r in mine if str(r.get("reused")) == "True"),
                 "ok": len(ok),
                 "total": len(mine),
@@ -211,9 +220,16 @@ def _number(value: Optional[float]) -> str:
     return "—" if value is None else f"{value:g}"
 
 
-def render_markdown(rows: Sequence[Row], *, title: str, setting: str, plots: Sequence[str] = ()) -> str:
+def render_markdown(
+    rows: Sequence[Row],
+    *,
+    title: str,
+    setting: str,
+    plots: Sequence[str] = (),
+    timing: Optional[dict[str, float]] = None,
+) -> str:
     """The whole report.md (see the module doc)."""
-    table = summary_table(rows)
+    table = summary_table(rows, timing=timing)
     baseline = next((line["label"] for line in table if line["delta"] is None), "the first optimizer")
     lines = [f"# {title}", "", setting, ""]
     lines += [
@@ -242,13 +258,19 @@ def render_markdown(rows: Sequence[Row], *, title: str, setting: str, plots: Seq
         "negative is better. Share of SAM's gain: mean Δ of the method / mean Δ of SAM, over the seeds where "
         "both ran ok, with a 95 % percentile-bootstrap interval over the seeds (rough with few seeds; over 100 "
         "means more than SAM's gain). Passes: forward-backward passes per step over the whole batch, counted by "
-        f"the optimizer, relative to {baseline}'s one. Time: the runs' training seconds per step (evaluation "
-        f"excluded), mean over seeds, relative to {baseline}'s"
+        f"the optimizer, relative to {baseline}'s one. Time: "
         + (
-            f"; {reused} of the selected runs were reused from an earlier invocation, so their time was measured "
-            "then (machine load may differ)."
-            if reused
-            else ", all measured in this invocation."
+            "seconds per training step of each method's selected setting, timed side by side in this invocation "
+            f"after training (blocks of steps interleaved over 5 rounds), relative to {baseline}'s."
+            if timing
+            else f"the runs' training seconds per step (evaluation excluded), mean over seeds, relative to "
+            f"{baseline}'s"
+            + (
+                f"; {reused} of the selected runs were reused from an earlier invocation, so their time was "
+                "measured then (machine load may differ)."
+                if reused
+                else ", all measured in this invocation."
+            )
         ),
     ]
     lines += verdict(table)
@@ -293,9 +315,9 @@ def _grid_section(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
-def console_table(rows: Sequence[Row]) -> str:
+def console_table(rows: Sequence[Row], *, timing: Optional[dict[str, float]] = None) -> str:
     """The summary table as aligned plain text, for the terminal."""
-    table = summary_table(rows)
+    table = summary_table(rows, timing=timing)
     header = ("optimizer", "test error (%)", "Δ (pp)", "gain kept (%)", "passes", "time", "ok", "lr", "rho")
     body = [
         (

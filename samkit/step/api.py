@@ -31,6 +31,7 @@ from torch import Tensor
 from samkit.optim.sam import SAM
 from samkit.step.common import Precision, all_finite, is_ddp, skip_step
 from samkit.step.loop import loop_step_gradients
+from samkit.step.selective import selective_step_gradients, selects_examples
 
 PERTURBATIONS = ("per_micro_batch", "shared")
 BACKENDS = ("loop", "vmap")
@@ -56,7 +57,10 @@ def sam_step(
         optimizer: a ``samkit.SAM`` or any optimizer of its family (``samkit.GSAM``, ``samkit.LookSAM``, ...).
             Its rule decides which steps perturb: one-pass steps are one forward-backward.
         model: the module (or a ``DistributedDataParallel`` wrapping it) called as ``model(inputs)``.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the MEAN loss over the (micro-)batch.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the MEAN loss over the (micro-)batch, or one loss per
+            example (``reduction="none"``, shape [len(batch)]), which is averaged. An optimizer that selects
+            examples by their losses (ESAM, K-SAM: ``samkit.step.selective``) needs the
+            per-example form, e.g. ``lambda out, y: F.cross_entropy(out, y, reduction="none")``.
         inputs, targets: the batch; split along dim 0 into ``micro_batches`` parts.
         micro_batches: k, the number of micro-batches (not their size m; see the module docstring).
         perturbation: ``"per_micro_batch"`` (mSAM) or ``"shared"`` (one ε̂: SAM with gradient accumulation).
@@ -94,6 +98,10 @@ def sam_step(
             from samkit.step.vectorized import vectorized_step_gradients
 
             loss, finite = vectorized_step_gradients(
+                optimizer, model, loss_fn, inputs, targets, micro_batches, perturbation, precision, params
+            )
+        elif selects_examples(optimizer):
+            loss, finite = selective_step_gradients(
                 optimizer, model, loss_fn, inputs, targets, micro_batches, perturbation, precision, params
             )
         else:
@@ -144,6 +152,11 @@ def _check_arguments(optimizer, model, inputs, targets, k, perturbation, backend
         raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "vmap" and selects_examples(optimizer):
+        raise ValueError(
+            f"backend='vmap' cannot run {type(optimizer).__name__}: it runs its passes on a selection of the batch, "
+            "which torch.func.vmap cannot vectorise; use backend='loop'"
+        )
     if backend == "vmap" and not type(optimizer).vectorizable:
         raise ValueError(
             f"backend='vmap' cannot run {type(optimizer).__name__}: its ascent keeps per-step state that "

@@ -45,15 +45,43 @@ class Precision:
 
 
 def forward_loss(model, loss_fn, x, y, precision: Precision) -> Tensor:
+    """The mean loss over the micro-batch: ``loss_fn`` may return it, or one loss per example (averaged here)."""
     with precision.forward_context():
         loss = loss_fn(model(x), y)
+    if isinstance(loss, Tensor) and loss.dim() == 1 and len(loss) == len(x):
+        return _full(loss).mean()  # the same operations as a selecting optimizer's mean over its examples
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(
-            f"loss_fn must return a scalar tensor (the mean loss over the micro-batch), got {shape}; "
-            "use reduction='mean'"
+            f"loss_fn must return a scalar tensor (the mean loss over the micro-batch) or one loss per example "
+            f"(shape ({len(x)},)), got {shape}; use reduction='mean' or reduction='none'"
         )
+    return _full(loss)
+
+
+def _full(loss: Tensor) -> Tensor:
     return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
+
+
+def forward_losses(model, loss_fn, x, y, precision: Precision, optimizer=None) -> Tensor:
+    """One loss per example (shape [len(x)]), for an optimizer that selects examples by their losses."""
+    with precision.forward_context():
+        losses = loss_fn(model(x), y)
+    check_per_example(losses, len(x), optimizer)
+    return _full(losses)
+
+
+def check_per_example(losses, n: int, optimizer=None) -> None:
+    """Refuse, naming the fix, a loss that is not one value per example (shape [n])."""
+    if isinstance(losses, Tensor) and losses.dim() == 1 and len(losses) == n:
+        return
+    shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+    name = "this optimizer" if optimizer is None else type(optimizer).__name__
+    raise ValueError(
+        f"{name} selects examples by their losses: loss_fn must return one loss per example (shape ({n},)), got "
+        f"{'a scalar' if shape == () else shape}; pass a loss_fn with reduction='none', e.g. "
+        "lambda out, y: F.cross_entropy(out, y, reduction='none')"
+    )
 
 
 def all_finite(trainable, model, precision: Precision, grads=None) -> bool:

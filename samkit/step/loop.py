@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from samkit.batchnorm import frozen_running_stats
-from samkit.step.common import all_finite, forward_loss, is_ddp, no_sync, replica_mean, split_batch
+from samkit.step.common import all_finite, forward_loss, forward_losses, is_ddp, no_sync, replica_mean, split_batch
 
 
 def loop_step_gradients(optimizer, model, loss_fn, inputs, targets, k, mode, precision, params):
@@ -45,15 +45,25 @@ def _trainable(params):
     return [t for t in params if t.requires_grad]
 
 
-def _accumulate_clean(model, loss_fn, chunks, precision, *, sync_last: bool):
-    """Clean passes accumulate the (weighted, scaled) batch gradient in .grad; return the mean clean loss."""
+def _accumulate_clean(model, loss_fn, chunks, precision, *, sync_last: bool, losses=None):
+    """Clean passes accumulate the (weighted, scaled) batch gradient in .grad; return the mean clean loss.
+
+    ``losses``, a list, receives each micro-batch's per-example losses (detached) for a selecting optimizer."""
     total = 0.0
     for j, (x, y, weight) in enumerate(chunks):
         with no_sync(model, enabled=not (sync_last and j == len(chunks) - 1)):
-            loss = forward_loss(model, loss_fn, x, y, precision)
+            loss = _mean_loss(model, loss_fn, x, y, precision, losses)
             precision.scale(loss * weight).backward()
         total = total + loss.detach() * weight
     return total
+
+
+def _mean_loss(model, loss_fn, x, y, precision, losses=None):
+    if losses is None:
+        return forward_loss(model, loss_fn, x, y, precision)
+    per_example = forward_losses(model, loss_fn, x, y, precision)
+    losses.append(per_example.detach())
+    return per_example.mean()  # the operations of forward_loss on a per-example loss
 
 
 def _perturbed_passes(optimizer, model, loss_fn, chunks, precision) -> None:
@@ -65,11 +75,13 @@ def _perturbed_passes(optimizer, model, loss_fn, chunks, precision) -> None:
     optimizer.restore()
 
 
-def _clean_gradient(model, loss_fn, x, y, precision, params):
-    """One micro-batch's clean loss and its (scaled) gradient, one entry per parameter, .grad untouched."""
+def _clean_gradient(model, loss_fn, x, y, precision, params, losses=None):
+    """One micro-batch's clean loss and its (scaled) gradient, one entry per parameter, .grad untouched.
+
+    ``losses``, a list, receives the per-example losses (detached) for a selecting optimizer."""
     trainable = _trainable(params)
     with no_sync(model, enabled=True):  # each replica's ascent uses its own gradient (m-sharpness)
-        loss = forward_loss(model, loss_fn, x, y, precision)
+        loss = _mean_loss(model, loss_fn, x, y, precision, losses)
         grads = torch.autograd.grad(precision.scale(loss), trainable, allow_unused=True)
     by_param = dict(zip(trainable, grads))
     return loss.detach(), [by_param.get(t) for t in params]
@@ -77,6 +89,11 @@ def _clean_gradient(model, loss_fn, x, y, precision, params):
 
 def _ascend_and_pass(optimizer, model, loss_fn, x, y, weight, last, precision, grads) -> None:
     optimizer.first_step(grads=grads, weight=weight)
+    _perturbed_pass(optimizer, model, loss_fn, x, y, weight, last, precision)
+
+
+def _perturbed_pass(optimizer, model, loss_fn, x, y, weight, last, precision) -> None:
+    """With the weights at w + ε̂: one micro-batch's perturbed gradient added to .grad (DDP: synced if last), restore."""
     with frozen_running_stats(model), no_sync(model, enabled=not last):
         perturbed = forward_loss(model, loss_fn, x, y, precision)
         precision.scale(perturbed * weight).backward()

@@ -161,6 +161,24 @@ def test_compare_reports_cost_and_draws_the_frontier(tmp_path):
     report = result.report_path.read_text()
     assert "share of SAM's gain" in report and "| LookSAM |" in report
     assert (tmp_path / "frontier.png").stat().st_size > 1000
-    again = compare(base, tmp_path, optimizers=["sgd", "sam", "looksam:k=2|4"], seeds=[0], device="cpu", quiet=True)
+    assert "timed side by side in this invocation" in report
+    again = compare(
+        base, tmp_path, optimizers=["sgd", "sam", "looksam:k=2|4"], seeds=[0], device="cpu", quiet=True, time_steps=0
+    )
     assert all(str(r["reused"]) == "True" for r in again.rows)
     assert "were reused from an earlier invocation" in again.report_path.read_text()
+
+
+def test_side_by_side_timing_counts_each_methods_passes():
+    from samkit.experiments.timing import time_methods
+
+    configs = {
+        name: TINY.replace(optimizer=name, options=options).resolved()
+        for name, options in (("sgd", None), ("sam", None), ("looksam", {"k": 4}), ("mesa", None))
+    }
+    timed = time_methods(configs, steps=4, repeats=2, warmup=1)
+    assert timed["sgd"]["passes_per_step"] == 1.0 and timed["sam"]["passes_per_step"] == 2.0
+    assert timed["looksam"]["passes_per_step"] == 1.25  # 12 steps, SAM on 0, 4, 8
+    assert all(result["seconds_per_step"] > 0 for result in timed.values())
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        time_methods(configs, steps=0)
