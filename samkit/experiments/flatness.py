@@ -62,7 +62,7 @@ def run_sharpness(
     from samkit.experiments.files import write_json
     from samkit.experiments.inputs import load_run_data
     from samkit.experiments.runs import open_run
-    from samkit.experiments.trainer import make_loss_fn
+    from samkit.experiments.steps import make_loss_fn
     from samkit.sharpness import flatness_report
 
     run = open_run(run_path)
@@ -90,7 +90,7 @@ def run_landscape(
     """2-D loss landscape of a saved run's model (filter-normalised directions) -> RUN/landscape.png."""
     from samkit.experiments.inputs import load_run_data
     from samkit.experiments.runs import open_run
-    from samkit.experiments.trainer import make_loss_fn
+    from samkit.experiments.steps import make_loss_fn
     from samkit.sharpness import loss_landscape
 
     run = open_run(run_path)

@@ -15,9 +15,19 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samkit.experiments.config import AMP_DTYPES, TrainConfig
+
+
+def make_loss_fn(label_smoothing: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """Mean cross-entropy; targets are class indices or (mixup) class probabilities."""
+
+    def loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs.float(), targets, label_smoothing=label_smoothing)
+
+    return loss_fn
 
 
 def make_scaler(config: TrainConfig, device: torch.device) -> Optional[torch.amp.GradScaler]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ from samkit.experiments.metrics import evaluate
 from samkit.experiments.optimizers import build_optimizer
 from samkit.experiments.schedule import set_learning_rate
 from samkit.experiments.status import DIVERGED, classify_run
-from samkit.experiments.steps import make_scaler, train_step
+from samkit.experiments.steps import make_loss_fn, make_scaler, train_step
 
 TRAIN_EVAL_EXAMPLES = 2000
 ORDER_STREAM, AUGMENT_STREAM, MIXUP_STREAM = 0, 1, 2
@@ -65,15 +65,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """A well-mixed 63-bit seed for (run seed, epoch, stream): data order, augmentation, mixup."""
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def make_loss_fn(label_smoothing: float) -> Callable[[Tensor, Tensor], Tensor]:
-    """Mean cross-entropy; targets are class indices or (mixup) class probabilities."""
-
-    def loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(outputs.float(), targets, label_smoothing=label_smoothing)
-
-    return loss_fn
 
 
 def mixup(x: Tensor, y: Tensor, alpha: float, num_classes: int, rng: np.random.Generator, generator: torch.Generator):
