@@ -43,6 +43,17 @@ def label(group: str) -> str:
     return f"{shown} ({', '.join(fixed)})" if fixed else shown
 
 
+def plain(group: str, name: str) -> bool:
+    """Whether an --optimizers entry is method ``name`` with no option but (perhaps) its rho grid: "sam",
+    "sam:rho=0.05|0.1" are SAM itself, the reference of "share of SAM's gain"; "sam:interval=5" is not."""
+    head, *parts = group.split(":")
+    return head == name and all(part.startswith("rho=") for part in parts)
+
+
+def _find(groups, name: str) -> Optional[str]:
+    return next((group for group in groups if plain(group, name)), None)
+
+
 def setting_of(row: Row) -> Setting:
     return (row["lr"], row["rho"], row.get("options") or "")
 
@@ -135,15 +146,16 @@ def summary_table(
     chosen = select_settings(rows)
     groups = selected_rows(rows, chosen)
     if baseline is None:
-        baseline = "sgd" if "sgd" in groups else next(iter(groups), None)
+        baseline = _find(groups, "sgd") or next(iter(groups), None)
+    sam = _find(groups, "sam")
     base_passes = _mean_of(groups[baseline], "passes_per_step") if baseline else None
     base_seconds = _mean_of(groups[baseline], "seconds_per_step") if baseline else None
     table = []
     for optimizer, mine in groups.items():
         ok = _ok(mine)
         share = None
-        if "sam" in groups and optimizer not in (baseline, "sam"):
-            share = share_of_gain(mine, groups["sam"], groups[baseline])
+        if sam is not None and optimizer not in (baseline, sam):
+            share = share_of_gain(mine, groups[sam], groups[baseline])
         table.append(
             {
                 "optimizer": optimizer,
@@ -175,7 +187,7 @@ def frontier_points(table: Sequence[Row]) -> list[Row]:
     for line in table:
         if not line["ok"] or line["passes"] is None:
             continue
-        kind = {"sgd": "sgd", "sam": "sam"}.get(line["optimizer"], "method")
+        kind = next((name for name in ("sgd", "sam") if plain(line["optimizer"], name)), "method")
         points.append(
             {
                 "label": line["label"],

@@ -182,3 +182,11 @@ def test_side_by_side_timing_counts_each_methods_passes():
     assert all(result["seconds_per_step"] > 0 for result in timed.values())
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         time_methods(configs, steps=0)
+
+
+def test_the_sam_reference_is_sam_with_at_most_a_rho_grid():
+    from samkit.experiments.report import plain
+
+    assert plain("sam", "sam") and plain("sam:rho=0.05|0.1", "sam") and plain("sgd", "sgd")
+    assert not plain("sam:interval=5", "sam") and not plain("sam:rho=0.1:interval=5", "sam")
+    assert not plain("msam", "sam")

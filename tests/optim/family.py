@@ -9,8 +9,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 import samkit
+from samkit.optim.esam import ESAM
+from samkit.optim.ksam import KSAM
 
 SGD_OPTIONS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 
@@ -28,7 +31,18 @@ FAMILY: dict[str, Callable[[torch.nn.Module], samkit.SAM]] = {
     "aesam": lambda m: samkit.AESAM(m.parameters(), torch.optim.SGD, rho=0.1, total_steps=6, **SGD_OPTIONS),
     "late-sam": lambda m: samkit.LateSAM(m.parameters(), torch.optim.SGD, rho=0.1, start_step=3, **SGD_OPTIONS),
     "momentum-sam": lambda m: samkit.MomentumSAM(m.parameters(), torch.optim.SGD, rho=0.5, **SGD_OPTIONS),
+    "esam": lambda m: ESAM(m.parameters(), torch.optim.SGD, rho=0.1, beta=0.6, gamma=0.5, seed=3, **SGD_OPTIONS),
+    "ksam": lambda m: KSAM(m.parameters(), torch.optim.SGD, rho=0.1, k=0.5, **SGD_OPTIONS),
 }
+
+# The members that select examples (they need one loss per example) and their passes per step on the suite's
+# batches (24 examples, whole or in 2 or 3 micro-batches: half of each is selected): ESAM the clean pass, a
+# ranking forward (a third of a pass) and the second pass on half; K-SAM the ranking forward and both passes on half.
+SELECTIVE_PASSES = {"esam": 1 + 1 / 3 + 1 / 2, "ksam": 1 / 3 + 2 * (1 / 2)}
+
+
+def per_example_loss(outputs, targets):
+    return F.cross_entropy(outputs, targets, reduction="none")
 
 
 def model(seed: int = 0, dtype=torch.float64) -> torch.nn.Module:

@@ -20,7 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from samkit import sam_step
-from tests.optim.family import FAMILY
+from samkit.step import select_examples
+from tests.optim.family import FAMILY, SELECTIVE_PASSES, per_example_loss
 from tests.optim.family import model as mlp
 from tests.optim.reference import batch, loss_fn
 
@@ -32,22 +33,64 @@ def weights(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def loss_for(name):
+    """The loss sam_step gets: one per example for the members that select examples, the mean for the others."""
+    return per_example_loss if name in SELECTIVE_PASSES else loss_fn
+
+
+def counted(name, opt) -> bool:
+    """Whether opt.passes is the count the member's rule gives (1 per one-pass step, 2 per SAM step, ...)."""
+    if name in SELECTIVE_PASSES:
+        return opt.passes == pytest.approx(SELECTIVE_PASSES[name] * opt.steps, rel=1e-12)
+    return opt.passes == opt.steps + opt.sam_steps
+
+
 def two_step(model, opt, x, y, steps=STEPS):
     for _ in range(steps):
+        if getattr(type(opt), "selects_examples", False):
+            _selective_two_step(model, opt, x, y)
+            continue
         loss_fn(model(x), y).backward()
         if opt.first_step(zero_grad=True):
             loss_fn(model(x), y).backward()
         opt.second_step(zero_grad=True)
 
 
+def _selective_two_step(model, opt, x, y):
+    """The two-step API of a member that selects examples: by the clean loss before the clean pass (K-SAM), or by
+    the rise of the loss after first_step (ESAM)."""
+    by_rise = type(opt).ranks_perturbed_losses
+    keep = slice(None) if by_rise else select_examples(opt, model, per_example_loss, x, y)
+    losses = per_example_loss(model(x[keep]), y[keep])
+    losses.mean().backward()
+    if opt.first_step(zero_grad=True):
+        if by_rise:
+            keep = select_examples(opt, model, per_example_loss, x, y, clean_losses=losses)
+        per_example_loss(model(x[keep]), y[keep]).mean().backward()
+    opt.second_step(zero_grad=True)
+
+
 def closure_steps(model, opt, x, y, steps=STEPS):
+    selective = getattr(type(opt), "selects_examples", False)
+    by_rise = selective and type(opt).ranks_perturbed_losses
+    clean = {}
+
     def closure():
         opt.zero_grad()
-        loss = loss_fn(model(x), y)
+        if not selective:
+            loss = loss_fn(model(x), y)
+        elif by_rise and opt.perturbed:  # ESAM's second call: the examples whose loss rose most
+            keep = select_examples(opt, model, per_example_loss, x, y, clean_losses=clean["losses"])
+            loss = per_example_loss(model(x[keep]), y[keep]).mean()
+        else:
+            clean["losses"] = per_example_loss(model(x[clean["keep"]]), y[clean["keep"]])
+            loss = clean["losses"].mean()
         loss.backward()
         return loss
 
     for _ in range(steps):
+        if selective:  # K-SAM selects before the step, for both calls; ESAM runs its first call on the batch
+            clean["keep"] = slice(None) if by_rise else select_examples(opt, model, per_example_loss, x, y)
         opt.step(closure)
 
 
@@ -60,7 +103,7 @@ def stepped(name, loop, steps=STEPS, **step):
         closure_steps(model, opt, x, y, steps)
     else:
         for _ in range(steps):
-            sam_step(opt, model, loss_fn, x, y, **step)
+            sam_step(opt, model, loss_for(name), x, y, **step)
     return model, opt
 
 
@@ -72,7 +115,7 @@ def test_two_step_closure_and_sam_step_agree_bit_for_bit(name):
         model, other = stepped(name, loop)
         assert torch.equal(weights(model), weights(reference)), loop
         assert (other.steps, other.sam_steps, other.passes) == (opt.steps, opt.sam_steps, opt.passes), loop
-    assert opt.passes == opt.steps + opt.sam_steps and opt.steps == STEPS
+    assert counted(name, opt) and opt.steps == STEPS
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -80,13 +123,13 @@ def test_shared_perturbation_over_two_micro_batches_is_the_whole_batch_step(name
     whole, _ = stepped(name, "sam_step", micro_batches=1)
     split, opt = stepped(name, "sam_step", micro_batches=2, perturbation="shared")
     assert (weights(whole) - weights(split)).abs().max().item() <= 1e-12
-    assert opt.passes == opt.steps + opt.sam_steps  # passes count whole-batch passes, however the batch is split
+    assert counted(name, opt)  # passes count whole-batch passes, however the batch is split
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_micro_batch_steps_run_and_count(name):
     model, opt = stepped(name, "sam_step", micro_batches=3)
-    assert torch.isfinite(weights(model)).all() and opt.passes == opt.steps + opt.sam_steps
+    assert torch.isfinite(weights(model)).all() and counted(name, opt)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -109,7 +152,7 @@ def test_checkpoint_and_deepcopy_continue_bit_exactly(name):
     (x, y) = batch(n=24)
     for model, optimizer in ((resumed, opt2), (twin_model, twin_opt), (first, opt)):
         for _ in range(STEPS - 3):
-            sam_step(optimizer, model, loss_fn, x, y, micro_batches=2)
+            sam_step(optimizer, model, loss_for(name), x, y, micro_batches=2)
         optimizer.eval()
         assert torch.equal(weights(model), weights(straight))
         assert optimizer.steps == STEPS
@@ -125,7 +168,7 @@ def test_fp16_scaler_without_overflow_equals_full_precision_and_bf16_trains(name
     assert opt.passes == reference.passes and scaler.get_scale() == 2.0**13
     model, (x, y) = mlp(dtype=torch.float32), batch(n=24, dtype=torch.float32)
     opt = FAMILY[name](model)
-    losses = [sam_step(opt, model, loss_fn, x, y, micro_batches=2, autocast=torch.bfloat16) for _ in range(8)]
+    losses = [sam_step(opt, model, loss_for(name), x, y, micro_batches=2, autocast=torch.bfloat16) for _ in range(8)]
     assert all(torch.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
 
 
@@ -140,7 +183,7 @@ def test_clipping_bounds_the_descent_gradient_the_base_optimizer_gets(name):
 
     opt.base_optimizer.register_step_pre_hook(record)
     for _ in range(STEPS):
-        sam_step(opt, model, loss_fn, x, y, max_grad_norm=0.05)
+        sam_step(opt, model, loss_for(name), x, y, max_grad_norm=0.05)
     assert len(norms) == STEPS and max(norms) <= 0.05 * (1 + 1e-6)
 
 
@@ -154,7 +197,7 @@ def test_batchnorm_statistics_come_from_the_clean_pass_only(name):
     opt = FAMILY[name](model)
     for _ in range(3):
         before = copy.deepcopy(model)
-        sam_step(opt, model, loss_fn, x, y)
+        sam_step(opt, model, loss_for(name), x, y)
         reference.load_state_dict(before.state_dict())
         reference(x)  # one clean forward in training mode at the step's starting weights
         assert torch.equal(model[1].running_mean, reference[1].running_mean)
@@ -182,7 +225,7 @@ def _replica(rank: int, port: int, out_dir: str) -> None:
             model = torch.nn.parallel.DistributedDataParallel(mlp())
             opt = FAMILY[name](model.module)
             for _ in range(STEPS):
-                sam_step(opt, model, loss_fn, x[half], y[half])
+                sam_step(opt, model, loss_for(name), x[half], y[half])
             torch.save(weights(model.module), f"{out_dir}/{name}-rank{rank}.pt")
             del model, opt
     finally:
