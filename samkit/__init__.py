@@ -1,7 +1,20 @@
 """samkit: sharpness-aware training for PyTorch (the SAM family), flatness measurements, experiments."""
 
 from samkit.batchnorm import frozen_running_stats
-from samkit.optim import AESAM, GSAM, SAM, FriendlySAM, LateSAM, LookSAM, MomentumSAM, Phase, RandomSAM, SAMOn
+from samkit.optim import (
+    AESAM,
+    ESAM,
+    GSAM,
+    KSAM,
+    SAM,
+    FriendlySAM,
+    LateSAM,
+    LookSAM,
+    MomentumSAM,
+    Phase,
+    RandomSAM,
+    SAMOn,
+)
 from samkit.step import sam_step
 
 __all__ = [
@@ -14,6 +27,8 @@ __all__ = [
     "AESAM",
     "LateSAM",
     "MomentumSAM",
+    "ESAM",
+    "KSAM",
     "Phase",
     "sam_step",
     "frozen_running_stats",

@@ -51,6 +51,43 @@ def test_four_micro_batches_equal_the_msam_reference(backend):
     assert max_diff(model, whole) > 1e-6
 
 
+def per_example(outputs, targets):
+    return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+@pytest.mark.parametrize(
+    "name,micro_batches,mode,backend",
+    [
+        ("sam", 1, "per_micro_batch", "loop"),
+        ("sam", 3, "per_micro_batch", "loop"),
+        ("sam", 2, "shared", "loop"),
+        ("sam", 2, "per_micro_batch", "vmap"),
+        ("interval", 1, "per_micro_batch", "loop"),
+        ("aesam", 2, "per_micro_batch", "loop"),
+    ],
+)
+def test_a_per_example_loss_is_averaged_for_an_optimizer_that_does_not_select(name, micro_batches, mode, backend):
+    """One loss_fn (reduction='none') works for every optimizer: the ones that do not select examples average it,
+    and the step is the one of the mean loss (to rounding: the two reductions may add in another order)."""
+    from tests.optim.family import FAMILY
+    from tests.optim.family import model as family_model
+
+    (x, y) = batch(n=24)
+    runs = []
+    for loss in (loss_fn, per_example):
+        model = family_model()
+        opt = FAMILY[name](model)
+        returned = [
+            sam_step(opt, model, loss, x, y, micro_batches=micro_batches, perturbation=mode, backend=backend)
+            for _ in range(4)
+        ]
+        runs.append((flat(model), torch.stack(returned), opt.passes))
+    (w_mean, l_mean, p_mean), (w_each, l_each, p_each) = runs
+    torch.testing.assert_close(w_each, w_mean, rtol=0, atol=1e-13)
+    torch.testing.assert_close(l_each, l_mean, rtol=0, atol=1e-14)  # the returned loss stays the batch's mean
+    assert p_each == p_mean and (w_mean - flat(family_model())).abs().max() > 1e-3
+
+
 def test_unequal_micro_batches_are_weighted_by_size():
     model, (x, y) = mlp(), batch(n=18)  # 5, 5, 4, 4
     expected = reference_sam_sgd(model, x, y, steps=2, rho=0.1, micro_batches=4, lr=0.1)
@@ -279,8 +316,10 @@ def test_bad_pairings():
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="different lengths \\(16 vs 15\\)"):
         sam_step(opt, model, loss_fn, x, y[:15])
-    with pytest.raises(ValueError, match="must return a scalar tensor.*\\(16,\\)"):
-        sam_step(opt, model, lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction="none"), x, y)
+    with pytest.raises(
+        ValueError, match="must return a scalar tensor.* or one loss per example \\(shape \\(16,\\)\\).*got \\(16, 1\\)"
+    ):
+        sam_step(opt, model, lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction="none")[:, None], x, y)
     bn = bn_model()
     with pytest.raises(ValueError, match="BatchNorm.*backend='loop'"):
         sam_step(SAM(bn.parameters(), torch.optim.SGD, lr=0.1), bn, loss_fn, x, y, backend="vmap")

@@ -16,6 +16,8 @@ config, so a run directory says exactly what ran. Adding a method is adding an e
     aesam       AESAM                    SAM when ||g||² is high against its running mean and spread       1 + share
     late-sam    LateSAM                  the base optimizer first, SAM for the last fraction               1 + fraction
     momentum-sam MomentumSAM             the gradient at w − ρ·m/||m|| (m: the base's momentum)            1
+    esam        ESAM                     perturb a random β of the tensors; 2nd pass on the γ rising most   4/3 + γ
+    ksam        KSAM                     both passes on the k highest-loss examples                         1/3 + 2k/n
 
 and two methods that are losses, not optimizers (samkit.losses; the base optimizer steps, one pass):
 
@@ -140,9 +142,7 @@ def _sam_on(ctx: BuildContext, o: dict):
 def _fsam(ctx: BuildContext, o: dict):
     from samkit.optim import FriendlySAM
 
-    return FriendlySAM(
-        ctx.params, ctx.base_class, rho=ctx.rho, sigma=o["sigma"], lmbda=o["lmbda"], **ctx.base_options
-    )
+    return FriendlySAM(ctx.params, ctx.base_class, rho=ctx.rho, sigma=o["sigma"], lmbda=o["lmbda"], **ctx.base_options)
 
 
 def _looksam(ctx: BuildContext, o: dict):
@@ -207,6 +207,26 @@ def _momentum_sam(ctx: BuildContext, o: dict):
     from samkit.optim import MomentumSAM
 
     return MomentumSAM(ctx.params, ctx.base_class, rho=ctx.rho, **ctx.base_options)
+
+
+def _esam(ctx: BuildContext, o: dict):
+    from samkit.optim import ESAM
+
+    return ESAM(
+        ctx.params, ctx.base_class, rho=ctx.rho, beta=o["beta"], gamma=o["gamma"], seed=ctx.seed, **ctx.base_options
+    )
+
+
+def _count_or_fraction(text: str):
+    """K-SAM's k: "8" is a count of examples, "0.5" (any number with a point) a fraction of the batch."""
+    text = str(text).strip()
+    return int(text) if text.isdigit() else float(text)
+
+
+def _ksam(ctx: BuildContext, o: dict):
+    from samkit.optim import KSAM
+
+    return KSAM(ctx.params, ctx.base_class, k=o["k"], rho=ctx.rho, **ctx.base_options)
 
 
 METHODS: dict[str, Method] = {
@@ -293,6 +313,23 @@ METHODS: dict[str, Method] = {
         {"sam_fraction": Option(float, 0.0625, "the last fraction of the steps that are SAM steps")},
     ),
     "momentum-sam": Method("Momentum-SAM", 3.0, "Becker, Altrock, Risse, TMLR 2024, arXiv 2401.12033", _momentum_sam),
+    "esam": Method(
+        "ESAM",
+        0.05,
+        "Du et al., ICLR 2022, arXiv 2110.03141",
+        _esam,
+        {
+            "beta": Option(float, 0.6, "probability that a parameter tensor is perturbed (SWP)"),
+            "gamma": Option(float, 0.5, "fraction of the batch, the sharpest, in the second pass (SDS)"),
+        },
+    ),
+    "ksam": Method(
+        "K-SAM",
+        0.05,
+        "Ni et al., 2022, arXiv 2210.12864",
+        _ksam,
+        {"k": Option(_count_or_fraction, 0.5, "the examples both passes run on: a count (8) or a fraction (0.5)")},
+    ),
     "mesa": Method(
         "MESA",
         None,

@@ -21,11 +21,13 @@ from torch import Tensor, nn
 from samkit.experiments.config import AMP_DTYPES, TrainConfig
 
 
-def make_loss_fn(label_smoothing: float) -> Callable[[Tensor, Tensor], Tensor]:
-    """Mean cross-entropy; targets are class indices or (mixup) class probabilities."""
+def make_loss_fn(label_smoothing: float, *, per_example: bool = False) -> Callable[[Tensor, Tensor], Tensor]:
+    """Mean cross-entropy; targets are class indices or (mixup) class probabilities. ``per_example``: one loss per
+    example (``reduction="none"``), what the methods that select examples (ESAM, K-SAM) rank by."""
+    reduction = "none" if per_example else "mean"
 
     def loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(outputs.float(), targets, label_smoothing=label_smoothing)
+        return F.cross_entropy(outputs.float(), targets, label_smoothing=label_smoothing, reduction=reduction)
 
     return loss_fn
 

@@ -97,7 +97,7 @@ def time_methods(
         torch.manual_seed(config.seed)
         model = build(config).to(target)
         optimizer = build_optimizer(model, config, total_steps=total_steps)
-        loss_fn = make_loss_fn(config.label_smoothing)
+        loss_fn = make_loss_fn(config.label_smoothing, per_example=getattr(optimizer, "selects_examples", False))
         term, epoch = None, 0
         if config.trajectory_loss is not None:
             epoch = int(config.options["start_epoch"])  # timed as an epoch with the term on: the run's later epochs

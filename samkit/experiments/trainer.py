@@ -307,7 +307,7 @@ class _Training:
         )
         augment_generator = torch.Generator().manual_seed(epoch_seed(config.seed, self.epoch, AUGMENT_STREAM))
         mixup_rng = np.random.default_rng(epoch_seed(config.seed, self.epoch, MIXUP_STREAM))
-        loss_fn = make_loss_fn(config.label_smoothing)
+        loss_fn = make_loss_fn(config.label_smoothing, per_example=getattr(optimizer, "selects_examples", False))
         model.train()
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no sync a step
         bar = tqdm(

@@ -36,7 +36,8 @@ examples, their mean loss. Where this class differs, and why:
   with a temperature; ``train.py`` does not use it, and neither does this class.
 
 The example selection needs one loss per example: ``samkit.sam_step`` runs it with a ``loss_fn`` of
-``reduction="none"``; a hand-written loop calls ``samkit.step.select_examples`` (see ``ESAM``). Cost, as counted
+``reduction="none"``; a hand-written loop calls ``samkit.step.select_examples`` (see ``ESAM``); a loop that does
+not runs its second pass on the whole batch (SWP alone), and is counted so. Cost, as counted
 in ``passes``: 1 (clean) + 1/3 (the ranking forward; a forward is counted as a third of a forward-backward)
 + |B+| / n (the second pass), e.g. 1 + 1/3 + 1/2 for gamma = 0.5; 2 when gamma = 1.
 """
@@ -230,4 +231,3 @@ class ESAM(SAM):
             draw = memory["draw"]
             memory["draw"] = {"step": int(draw["step"]), "keep": draw["keep"].to("cpu", torch.bool)}
         super()._load_memory_state(memory)
-

@@ -24,7 +24,8 @@ whole batch).
 
 The ranking needs one loss per example: ``samkit.sam_step`` runs it with a ``loss_fn`` of ``reduction="none"``
 (its ranking forward also updates BatchNorm's running statistics, once, with the whole batch; the passes on K
-leave them alone); a hand-written loop calls ``samkit.step.select_examples`` (see ``KSAM``). Cost, as counted in
+leave them alone); a hand-written loop calls ``samkit.step.select_examples`` (see ``KSAM``); a loop that does
+not runs both passes on the whole batch (SAM), and is counted so. Cost, as counted in
 ``passes``: 1/3 (the ranking forward; a forward is counted as a third of a forward-backward) + 2 k / n, e.g.
 1/3 + 1/2 for k = n / 4; 2 when k >= n.
 """

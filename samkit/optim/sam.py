@@ -103,6 +103,7 @@ class SAM(Optimizer):
 
     uses_clean_gradient = False  # the variant reads this step's clean gradient g in _descend (self._step.clean)
     vectorizable = True  # sam_step(backend="vmap") can run it (its ascent needs no state vmap cannot carry)
+    selects_examples = False  # sam_step hands it per-example losses and it picks the examples (ESAM, K-SAM)
 
     def __init__(
         self,

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from samkit.batchnorm import frozen_running_stats
-from samkit.step.common import all_finite, check_per_example, forward_losses, split_batch
+from samkit.step.common import Precision, all_finite, check_per_example, forward_losses, is_ddp, split_batch
 from samkit.step.loop import (
     _accumulate_clean,
     _ascend_and_pass,
@@ -41,6 +41,8 @@ from samkit.step.loop import (
     _trainable,
     loop_step_gradients,
 )
+
+_AS_IS = Precision(None, None, "cpu")  # a hand-written loop's forward: under whatever autocast the caller set
 
 
 def selects_examples(optimizer) -> bool:
@@ -57,6 +59,8 @@ def select_examples(optimizer, model, loss_fn, inputs: Tensor, targets: Tensor, 
     (ESAM) is asked after ``first_step`` moved the weights, with the clean pass's ``clean_losses``: this runs a
     forward at w + ε̂ without gradient (BatchNorm statistics frozen), and the second pass runs on ``inputs[idx]``.
     Ask once per step (per micro-batch with micro-batches): the optimizer counts the passes from these calls.
+    The forward at w updates BatchNorm's running statistics; run the passes on the selection inside
+    ``samkit.frozen_running_stats(model)`` so that they count once (``sam_step`` does).
 
     >>> import torch, torch.nn.functional as F
     >>> from samkit.optim.ksam import KSAM
@@ -85,7 +89,9 @@ def select_examples(optimizer, model, loss_fn, inputs: Tensor, targets: Tensor, 
                 f"{type(optimizer).__name__} ranks examples by the rise of their loss: pass the clean pass's "
                 "per-example losses as clean_losses"
             )
-        perturbed = _ranking_losses(optimizer, model, loss_fn, inputs, targets, None, frozen=True) if ranking else None
+        perturbed = None
+        if ranking:
+            perturbed = _ranking_losses(optimizer, model, loss_fn, inputs, targets, _AS_IS, frozen=True)
         keep = optimizer._select_examples(n, clean_losses.detach(), perturbed)
     else:
         if optimizer.perturbed:
@@ -94,7 +100,7 @@ def select_examples(optimizer, model, loss_fn, inputs: Tensor, targets: Tensor, 
                 "clean pass, with the weights at w"
             )
         if ranking and clean_losses is None:
-            clean_losses = _ranking_losses(optimizer, model, loss_fn, inputs, targets, None, frozen=False)
+            clean_losses = _ranking_losses(optimizer, model, loss_fn, inputs, targets, _AS_IS, frozen=False)
         keep = optimizer._select_examples(n, None if clean_losses is None else clean_losses.detach(), None)
     return torch.arange(n, device=_device(inputs)) if keep is None else keep
 
@@ -124,11 +130,23 @@ def _ranking_losses(optimizer, model, loss_fn, x, y, precision, *, frozen: bool)
     """Per-example losses by a forward without gradient (at w + ε̂ the BatchNorm statistics stay frozen)."""
     context = frozen_running_stats(model) if frozen else contextlib.nullcontext()
     with torch.no_grad(), context:
-        if precision is None:
-            losses = loss_fn(model(x), y)
-            check_per_example(losses, len(x), optimizer)
-            return losses.float() if losses.dtype in (torch.float16, torch.bfloat16) else losses
         return forward_losses(model, loss_fn, x, y, precision, optimizer)
+
+
+def _finite(losses: Optional[Tensor], model, precision) -> bool:
+    """Whether the ranking losses (None: no ranking) are finite, agreed across DDP replicas under a scaler (asked
+    whether or not this replica ranked, so that every replica runs the same collectives)."""
+    finite = torch.tensor(True, device=precision.device_type) if losses is None else torch.isfinite(losses).all()
+    if is_ddp(model) and precision.scaler is not None:
+        flag = (~finite).to(torch.float32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        finite = flag[0] == 0
+    if precision.scaler is None and not bool(finite):
+        raise FloatingPointError(
+            "a per-example loss of the ranking forward in sam_step is inf or NaN: the step cannot select examples "
+            "by it. Lower the learning rate, or pass scaler=torch.amp.GradScaler() under fp16 to skip such steps"
+        )
+    return bool(finite)
 
 
 def _subset(x, y, keep: Optional[Tensor]):
@@ -157,10 +175,16 @@ def _per_micro_batch(optimizer, model, loss_fn, chunks, precision, params):
             optimizer.first_step(grads=grads, weight=weight)
             del grads
             perturbed = _ranking_losses(optimizer, model, loss_fn, x, y, precision, frozen=True) if ranking else None
+            if not _finite(perturbed, model, precision):
+                optimizer.cancel_step()
+                return total, False
             keep = optimizer._select_examples(n, clean[0] if ranking else None, perturbed)
             _perturbed_pass(optimizer, model, loss_fn, *_subset(x, y, keep), weight, last, precision)
             continue
         clean = _ranking_losses(optimizer, model, loss_fn, x, y, precision, frozen=False) if ranking else None
+        if not _finite(clean, model, precision):
+            optimizer.cancel_step()
+            return total + clean.mean() * weight, False
         keep = optimizer._select_examples(n, clean, None)
         xs, ys = _subset(x, y, keep)
         with frozen_running_stats(model) if ranking else contextlib.nullcontext():  # the ranking forward updated them
@@ -195,6 +219,8 @@ def _shared(optimizer, model, loss_fn, inputs, targets, chunks, precision, param
                 [_ranking_losses(optimizer, model, loss_fn, x, y, precision, frozen=True) for x, y, _ in chunks]
             )
             clean = torch.cat(clean)
+        if not _finite(perturbed, model, precision):
+            return total, False
         keep = optimizer._select_examples(n, clean, perturbed)
         passes = chunks if keep is None else split_batch(inputs[keep], targets[keep], min(len(chunks), len(keep)))
         _perturbed_passes(optimizer, model, loss_fn, passes, precision)
@@ -204,11 +230,14 @@ def _shared(optimizer, model, loss_fn, inputs, targets, chunks, precision, param
         total = 0.0
         for part, (_, _, weight) in zip(parts, chunks):
             total = total + part.mean() * weight
+        if not _finite(torch.cat(parts), model, precision):
+            return total, False
         keep = optimizer._select_examples(n, torch.cat(parts), None)
         passes = split_batch(inputs[keep], targets[keep], min(len(chunks), len(keep)))
         with frozen_running_stats(model):  # the ranking forwards updated them
             _accumulate_clean(model, loss_fn, passes, precision, sync_last=False)
     else:
+        _finite(None, model, precision)  # the replicas that rank agree on their losses' finiteness with this one
         optimizer._select_examples(n, None, None)
         passes = chunks
         total = _accumulate_clean(model, loss_fn, chunks, precision, sync_last=False)

@@ -21,6 +21,11 @@ def loss_fn(outputs, targets):
     return torch.nn.functional.cross_entropy(outputs, targets)
 
 
+def max_diff(model, weights: dict) -> float:
+    """The largest |w - reference| over the model's parameters (``weights``: name -> tensor)."""
+    return max((p.detach() - weights[k]).abs().max().item() for k, p in model.named_parameters())
+
+
 def gradients(model, weights: dict, x, y) -> dict:
     """∇L(w) at the given weights, by autograd on a functional call (the model's own weights are not touched)."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in weights.items()}

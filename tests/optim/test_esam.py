@@ -118,11 +118,11 @@ def cost(gamma, n):
     return 2.0 if m == n else 1.0 + 1.0 / 3.0 + m / n
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach,restore_by", [(True, "copy"), (False, "copy"), (True, "swap")])
 @pytest.mark.parametrize("loop", ["sam_step", "two_step"])
-def test_equals_the_reference_with_the_documented_draws(foreach, loop):
+def test_equals_the_reference_with_the_documented_draws(foreach, restore_by, loop):
     model, (x, y) = mlp(), batch()
-    opt = esam(model, beta=0.5, gamma=0.5, seed=3, foreach=foreach)
+    opt = esam(model, beta=0.5, gamma=0.5, seed=3, foreach=foreach, restore_by=restore_by)
     if loop == "sam_step":
         for _ in range(5):
             sam_step(opt, model, per_example, x, y)
@@ -295,6 +295,53 @@ def test_a_deepcopy_continues_bit_exactly():
         sam_step(opt, model, per_example, x, y)
         sam_step(twin_opt, twin_model, per_example, x, y)
     assert same(model, twin_model)
+
+
+@pytest.mark.parametrize("failing_call", [4, 5, 6])
+def test_an_overflow_skips_the_step_and_its_count(failing_call):
+    """Under a GradScaler an inf in any pass of step 2 skips that step: its retry (the next call) draws and
+    selects as it would have, and passes count the completed steps only. A step calls the loss three times
+    (clean, ranking, second pass): calls 4 to 6 are step 2's."""
+    (x, y), model, plain_model = batch(), mlp(), mlp()
+    calls = []
+
+    def overflowing(outputs, targets):
+        calls.append(1)
+        losses = per_example(outputs, targets)
+        return losses * float("inf") if len(calls) == failing_call else losses
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt, plain = esam(model, beta=0.5, gamma=0.5, seed=2), esam(plain_model, beta=0.5, gamma=0.5, seed=2)
+    for _ in range(3):
+        sam_step(opt, model, overflowing, x, y, scaler=scaler)
+    for _ in range(2):
+        sam_step(plain, plain_model, per_example, x, y)
+    assert scaler.get_scale() == 2.0**9  # the overflow was seen, once
+    # scaling by a power of two is exact in float64: equal to rounding at most
+    torch.testing.assert_close(
+        torch.cat([p.detach().flatten() for p in model.parameters()]),
+        torch.cat([p.detach().flatten() for p in plain_model.parameters()]),
+        rtol=0,
+        atol=1e-13,
+    )
+    assert opt.steps == 2 and opt.passes == pytest.approx(plain.passes, rel=1e-12)
+
+
+def test_a_non_finite_ranking_loss_without_a_scaler_raises_and_keeps_the_weights():
+    (x, y), model = batch(), mlp()
+    calls = []
+
+    def overflowing(outputs, targets):
+        calls.append(1)
+        losses = per_example(outputs, targets)
+        return losses * float("inf") if len(calls) == 2 else losses  # the ranking forward at w + ε̂
+
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = esam(model)
+    with pytest.raises(FloatingPointError, match="ranking forward.*inf or NaN"):
+        sam_step(opt, model, overflowing, x, y)
+    assert not opt.perturbed and opt.steps == 0
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
 
 
 def test_a_scalar_loss_is_refused_with_the_fix():

@@ -10,7 +10,7 @@ import torch
 
 from samkit import SAM, sam_step
 from samkit.optim.fsam import FriendlySAM
-from tests.optim.reference import batch, gradients, loss_fn, mlp
+from tests.optim.reference import batch, gradients, loss_fn, max_diff, mlp
 
 SGD_OPTIONS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 RULE = dict(rho=0.1, sigma=0.8, lmbda=0.6)  # sigma != 1 so that the two forms point differently
@@ -65,10 +65,6 @@ def two_step(model, opt, data):
         if opt.first_step(zero_grad=True):
             loss_fn(model(x), y).backward()
         opt.second_step(zero_grad=True)
-
-
-def max_diff(model, weights):
-    return max((p.detach() - weights[k]).abs().max().item() for k, p in model.named_parameters())
 
 
 def same(a, b):

@@ -11,7 +11,7 @@ import torch
 
 from samkit import SAM, sam_step
 from samkit.optim.gsam import GSAM
-from tests.optim.reference import batch, gradients, loss_fn, mlp
+from tests.optim.reference import batch, gradients, loss_fn, max_diff, mlp
 
 SGD_OPTIONS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 TOLERANCE = 1e-12  # float64, 5 steps: the implementation and the reference differ only in rounding
@@ -60,10 +60,6 @@ def two_step(model, opt, x, y, steps, scheduler=None):
         opt.second_step(zero_grad=True)
         if scheduler is not None:
             scheduler.step()
-
-
-def max_diff(model, expected: dict) -> float:
-    return max((p.detach() - expected[k]).abs().max().item() for k, p in model.named_parameters())
 
 
 def same(a, b) -> bool:
@@ -295,4 +291,3 @@ def test_bad_options(kwargs, match):
 def test_reserved_sam_options_are_refused():
     with pytest.raises(TypeError, match="does not take 'interval'"):
         GSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, interval=2)
-

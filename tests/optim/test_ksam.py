@@ -76,7 +76,7 @@ def closure_steps(model, opt, x, y, steps):
     for _ in range(steps):
         keep = select_examples(opt, model, per_example, x, y)
 
-        def closure():
+        def closure(keep=keep):
             opt.zero_grad()
             loss = per_example(model(x[keep]), y[keep]).mean()
             loss.backward()
@@ -250,6 +250,36 @@ def test_state_dict_round_trip_continues_bit_exactly():
     one = ksam(mlp(), k=1)
     with pytest.raises(ValueError, match="k_is_count=False.*k_is_count=True"):
         one.load_state_dict(ksam(mlp(), k=1.0).state_dict())  # one example is not the whole batch
+
+
+@pytest.mark.parametrize("failing_call", [4, 5, 6])
+def test_an_overflow_skips_the_step_and_its_count(failing_call):
+    """Under a GradScaler an inf in any pass of step 2 skips that step: its retry (the next call) draws and
+    selects as it would have, and passes count the completed steps only. A step calls the loss three times
+    (ranking, clean, perturbed): calls 4 to 6 are step 2's."""
+    (x, y), model, plain_model = batch(), mlp(), mlp()
+    calls = []
+
+    def overflowing(outputs, targets):
+        calls.append(1)
+        losses = per_example(outputs, targets)
+        return losses * float("inf") if len(calls) == failing_call else losses
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt, plain = ksam(model, k=6), ksam(plain_model, k=6)
+    for _ in range(3):
+        sam_step(opt, model, overflowing, x, y, scaler=scaler)
+    for _ in range(2):
+        sam_step(plain, plain_model, per_example, x, y)
+    assert scaler.get_scale() == 2.0**9  # the overflow was seen, once
+    # scaling by a power of two is exact in float64: equal to rounding at most
+    torch.testing.assert_close(
+        torch.cat([p.detach().flatten() for p in model.parameters()]),
+        torch.cat([p.detach().flatten() for p in plain_model.parameters()]),
+        rtol=0,
+        atol=1e-13,
+    )
+    assert opt.steps == 2 and opt.passes == pytest.approx(plain.passes, rel=1e-12)
 
 
 def test_a_scalar_loss_is_refused_with_the_fix():

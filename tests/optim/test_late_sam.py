@@ -10,7 +10,7 @@ import torch
 
 from samkit import SAM, sam_step
 from samkit.optim.late_sam import LateSAM
-from tests.optim.reference import batch, gradients, loss_fn, mlp
+from tests.optim.reference import batch, gradients, loss_fn, max_diff, mlp
 
 OPTIONS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 RHO = 0.1
@@ -67,10 +67,6 @@ def two_step(model, opt, x, y, steps):
 
 def same(model_a, model_b):
     return all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
-
-
-def max_diff(model, weights):
-    return max((p.detach() - weights[k]).abs().max().item() for k, p in model.named_parameters())
 
 
 def test_switches_at_the_exact_step():

@@ -10,7 +10,7 @@ import torch
 
 from samkit import SAM, sam_step
 from samkit.optim.looksam import LookSAM
-from tests.optim.reference import batch, gradients, loss_fn, mlp
+from tests.optim.reference import batch, gradients, loss_fn, max_diff, mlp
 
 SGD_OPTIONS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 RULE = dict(rho=0.1, alpha=0.7)
@@ -82,10 +82,6 @@ def closure_steps(model, opt, data, calls=None):
 
         opt.step(closure)
     return calls
-
-
-def max_diff(model, weights):
-    return max((p.detach() - weights[k]).abs().max().item() for k, p in model.named_parameters())
 
 
 def same(a, b):

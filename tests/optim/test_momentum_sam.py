@@ -11,7 +11,7 @@ import torch
 
 from samkit import sam_step
 from samkit.optim.momentum_sam import MomentumSAM
-from tests.optim.reference import batch, gradients, loss_fn, mlp
+from tests.optim.reference import batch, gradients, loss_fn, max_diff, mlp
 
 SGD_OPTIONS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 # Adam's own eps stays at its default 1e-8: the keyword eps is the ascent's stabiliser, as for every SAM
@@ -80,10 +80,6 @@ def base_steps(model, opt, data):
         loss_fn(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-
-
-def max_diff(model, weights):
-    return max((p.detach() - weights[k]).abs().max().item() for k, p in model.named_parameters())
 
 
 def same(a, b):

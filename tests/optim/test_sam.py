@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from samkit import SAM
-from tests.optim.reference import batch, loss_fn, mlp, reference_sam_sgd
+from tests.optim.reference import batch, loss_fn, max_diff, mlp, reference_sam_sgd
 
 SGD_OPTIONS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 
@@ -31,10 +31,6 @@ def closure_steps(model, opt, x, y, steps):
         return loss
 
     return [opt.step(closure) for _ in range(steps)]
-
-
-def max_diff(model, weights):
-    return max((p.detach() - weights[k]).abs().max().item() for k, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("adaptive,eta", [(False, 0.0), (True, 0.0), (True, 0.01)])

@@ -13,7 +13,7 @@ from torch import nn
 
 from samkit import SAM, frozen_running_stats, sam_step
 from samkit.optim.sam_on import SAMOn
-from tests.optim.reference import batch, gradients, loss_fn, mlp
+from tests.optim.reference import batch, gradients, loss_fn, max_diff, mlp
 
 SGD_OPTIONS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 TOLERANCE = 1e-12  # float64, a few steps: the implementation and the reference differ only in rounding
@@ -74,10 +74,6 @@ def two_step(model, opt, x, y, steps, freeze=False):
             with frozen_running_stats(model) if freeze else torch.enable_grad():
                 loss_fn(model(x), y).backward()
         opt.second_step(zero_grad=True)
-
-
-def max_diff(model, expected: dict) -> float:
-    return max((p.detach() - expected[k]).abs().max().item() for k, p in model.named_parameters())
 
 
 def same(a, b) -> bool:
