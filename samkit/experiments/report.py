@@ -164,6 +164,7 @@ def summary_table(
                 "delta": None if optimizer == baseline else paired_difference(mine, groups[baseline]),
                 "share": share,
                 "passes": _ratio(_mean_of(mine, "passes_per_step"), base_passes),
+                "extra_forwards": _mean_of(mine, "extra_forwards_per_step") or 0.0,
                 "time": (
                     _ratio(timing.get(optimizer), timing.get(baseline))
                     if timing
@@ -256,6 +257,8 @@ def render_markdown(
             delta = ("+" if line["delta"].mean > 0 else "") + delta
         share = "—" if line["share"] is None else line["share"].format(scale=100)
         passes = "—" if line["passes"] is None else f"{line['passes']:.2f}"
+        if line["extra_forwards"]:
+            passes += f" + {line['extra_forwards']:.2f} fwd"
         time = "—" if line["time"] is None else f"{line['time']:.2f}x"
         lines.append(
             f"| {line['label']} | {error} | {delta} | {share} | {passes} | {time} | {line['ok']}/{line['total']} "
@@ -270,7 +273,8 @@ def render_markdown(
         "negative is better. Share of SAM's gain: mean Δ of the method / mean Δ of SAM, over the seeds where "
         "both ran ok, with a 95 % percentile-bootstrap interval over the seeds (rough with few seeds; over 100 "
         "means more than SAM's gain). Passes: forward-backward passes per step over the whole batch, counted by "
-        f"the optimizer, relative to {baseline}'s one. Time: "
+        f"the optimizer, relative to {baseline}'s one (+ fwd: extra forwards without backward, MESA's EMA "
+        "model). Time: "
         + (
             "seconds per training step of each method's selected setting, timed side by side in this invocation "
             f"after training (blocks of steps interleaved over 5 rounds), relative to {baseline}'s."
