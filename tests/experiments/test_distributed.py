@@ -55,3 +55,26 @@ def test_a_stray_rank_without_a_world_is_a_single_process(monkeypatch):
     assert distributed.is_main_process()
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert not distributed.is_main_process()
+
+
+def test_saf_under_two_ranks_keeps_every_examples_logits_and_equals_one_process(tmp_path):
+    # each rank trains on its half of every batch, but an example's reference logits were recorded by whichever
+    # rank saw it an epoch ago: the logits are gathered from every rank, so rank 0's memory holds all examples
+    out = tmp_path / "ddp"
+    options = ["--option", "start_epoch=1", "--option", "delay=1"]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "-m", "samkit", "train", "--data", "synthetic", "--model", "mlp", "--optimizer", "saf", *options,
+        "--epochs", "2", "--batch-size", "32", "--lr", "0.05", "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = TINY.replace(optimizer="saf", options={"start_epoch": 1, "delay": 1}, epochs=2)
+    train(single, tmp_path / "single", device="cpu", quiet=True)
+    distributed_run, single_run = load_checkpoint(out), load_checkpoint(tmp_path / "single")
+    stamps = distributed_run["trajectory"]["epochs"]
+    assert stamps.shape[0] == 256 and bool((stamps == 1).all())  # every example recorded in the last epoch
+    for name, tensor in single_run["model"].items():
+        torch.testing.assert_close(distributed_run["model"][name], tensor, rtol=0, atol=2e-6)
