@@ -46,3 +46,30 @@ def test_bad_requests_are_named(finished_run, tmp_path):
         evaluate_run(out, corruptions=["blur"], severities=[6])
     with pytest.raises(FileNotFoundError, match="no run at"):
         evaluate_run(tmp_path / "nothing")
+
+
+def test_momentum_sam_runs_are_saved_and_evaluated_at_the_unperturbed_weights(tmp_path):
+    # Momentum-SAM keeps its weights at the ascent point w - rho m/||m|| between steps; the trainer calls
+    # optimizer.eval() before evaluating and saving, so the checkpoint, the summary and `samkit evaluate` see w
+    from samkit.experiments.checkpoint import load_checkpoint
+    from samkit.experiments.trainer import train
+
+    from .conftest import TINY
+
+    summary = train(TINY.replace(optimizer="momentum-sam", epochs=2), tmp_path / "msam", device="cpu", quiet=True)
+    assert evaluate_run(tmp_path / "msam")["test_accuracy"] == summary["test_accuracy"]
+    payload = load_checkpoint(tmp_path / "msam")
+    assert payload["optimizer"]["sam"]["memory"]["training"] is False  # saved in eval mode, at w
+    # the ascent point differs from w by rho (3.0) along the momentum: the summary's test loss is the loss at w
+    dataset = load_dataset("synthetic")
+    model = open_run(tmp_path / "msam").model()
+    state = payload["optimizer"]["state"]
+    buffers = [state[i]["momentum_buffer"] for i in sorted(state)]
+    norm = torch.sqrt(sum((b**2).sum() for b in buffers))
+    with torch.no_grad():
+        at_w = torch.nn.functional.cross_entropy(model(dataset.x_test), dataset.y_test).item()
+        for parameter, buffer in zip(model.parameters(), buffers):
+            parameter.sub_(3.0 * buffer / norm)
+        at_ascent_point = torch.nn.functional.cross_entropy(model(dataset.x_test), dataset.y_test).item()
+    assert at_w == pytest.approx(summary["test_loss"], rel=1e-5)
+    assert abs(at_ascent_point - at_w) > 1e-3
