@@ -35,8 +35,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from torch import Tensor
-
 
 class Phase(enum.Enum):
     """Where the step in progress stands."""
@@ -75,6 +73,3 @@ class StepState:
         self.set_aside = []
         self.clean = None
 
-
-def grad_list(params: list[Tensor]) -> list[Optional[Tensor]]:
-    return [t.grad for t in params]
