@@ -36,9 +36,10 @@ KEEPS_GAIN, AT_MOST_COST = 0.9, 1.15  # the question the report answers: >= 90 %
 
 
 def label(group: str) -> str:
-    """The display name of an --optimizers entry: "LookSAM (k=2)" for looksam:k=2, "LookSAM" for looksam:k=2|5."""
+    """The display name of an --optimizers entry: "LookSAM (k=2)" for looksam:k=2, "LookSAM" for looksam:k=2|5
+    (a grid is chosen on validation; the chosen values are in the table's own columns)."""
     name, *parts = group.split(":")
-    fixed = [part for part in parts if "|" not in part and not part.startswith("rho=")]
+    fixed = [part for part in parts if "|" not in part]
     shown = DISPLAY.get(name, name)
     return f"{shown} ({', '.join(fixed)})" if fixed else shown
 
