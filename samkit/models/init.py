@@ -23,5 +23,6 @@ def init_weights(model: nn.Module) -> nn.Module:
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):
             module.reset_parameters()
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
     return model

@@ -1,6 +1,6 @@
 """`build_model`: a model by name, sized to the dataset (input channels, classes, image size).
 
-    mlp                    MLP on flattened images (hidden 256, 256)
+    mlp, mlp-bn            MLP on flattened images (hidden 256, 256), without / with BatchNorm
     cnn, cnn-bn            small CNN without / with BatchNorm
     wrn-D-W[-nobn]         WideResNet, depth D = 6n + 4, width factor W (any such D and W parse:
                            wrn-16-4, wrn-28-10, wrn-40-2, ...); -nobn drops every BatchNorm
@@ -26,7 +26,7 @@ from samkit.models.resnet import CifarResNet
 from samkit.models.wide_resnet import WideResNet
 
 MODELS = (
-    "mlp", "cnn", "cnn-bn",
+    "mlp", "mlp-bn", "cnn", "cnn-bn",
     "wrn-16-4", "wrn-16-8", "wrn-28-2", "wrn-28-10", "wrn-16-4-nobn",
     "resnet20", "resnet32", "resnet56",
 )
@@ -49,8 +49,8 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: in
     _check_positive("image_size", image_size)
     if image_size < _MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be >= {_MIN_IMAGE_SIZE}, got {image_size}")
-    if name == "mlp":
-        return MLP(in_channels * image_size * image_size, num_classes)
+    if name in ("mlp", "mlp-bn"):
+        return MLP(in_channels * image_size * image_size, num_classes, batch_norm=name == "mlp-bn")
     if name in ("cnn", "cnn-bn"):
         return SmallCNN(in_channels, num_classes, batch_norm=name == "cnn-bn")
     wrn = _WRN.fullmatch(name)

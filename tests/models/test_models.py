@@ -85,7 +85,7 @@ def test_resnet_parameter_counts_and_depth(depth, paper_millions):
 
 @pytest.mark.parametrize(
     "name, has_bn",
-    [("mlp", False), ("cnn", False), ("cnn-bn", True), ("wrn-16-4", True), ("wrn-16-4-nobn", False),
+    [("mlp", False), ("mlp-bn", True), ("cnn", False), ("cnn-bn", True), ("wrn-16-4", True), ("wrn-16-4-nobn", False),
      ("resnet20", True)],
 )
 def test_batchnorm_only_where_the_architecture_has_it(name, has_bn):
@@ -94,6 +94,18 @@ def test_batchnorm_only_where_the_architecture_has_it(name, has_bn):
     assert found == has_bn
     if not has_bn:
         assert all(not isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
+
+
+def test_mlp_bn_is_the_mlp_with_batchnorm_after_each_hidden_linear():
+    plain = build_model("mlp", in_channels=1, num_classes=10, image_size=8)
+    bn = build_model("mlp-bn", in_channels=1, num_classes=10, image_size=8)
+    kinds = [type(m).__name__ for m in bn.net]
+    assert kinds == ["Flatten", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    plain_shapes = [p.shape for n, p in plain.named_parameters() if n.endswith("weight")]
+    bn_linear_shapes = [m.weight.shape for m in bn.net if isinstance(m, nn.Linear)]
+    assert bn_linear_shapes == plain_shapes
+    # a bias before BatchNorm is redundant (BN subtracts the mean): only the last Linear keeps one
+    assert [m.bias is not None for m in bn.net if isinstance(m, nn.Linear)] == [False, False, True]
 
 
 def test_cnn_and_cnn_bn_differ_only_by_batchnorm():
