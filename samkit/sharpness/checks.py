@@ -7,10 +7,12 @@ the fix in the message (``ValueError("rho must be > 0, got -0.1")``).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+Choice = TypeVar("Choice")
 
 
 def check_int(name: str, value: Any, *, minimum: int) -> int:
@@ -40,7 +42,7 @@ def check_nonnegative_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+def check_choice(name: str, value: Any, choices: tuple[Choice, ...]) -> Choice:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
     return value

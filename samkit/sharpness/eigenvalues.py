@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Literal, Union, overload
 
 from torch import Tensor, nn
 
@@ -71,6 +71,55 @@ class EigenInfo:
     residuals: list
     loss: float
     eigenvectors: Tensor
+
+
+# info=True returns (values, EigenInfo), otherwise the values alone: the overloads let a type checker tell which.
+@overload
+def hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    k: int = ...,
+    *,
+    tol: float = ...,
+    max_iter: int = ...,
+    method: str = ...,
+    seed: int = ...,
+    train_mode: bool = ...,
+    info: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    k: int = ...,
+    *,
+    tol: float = ...,
+    max_iter: int = ...,
+    method: str = ...,
+    seed: int = ...,
+    train_mode: bool = ...,
+    info: Literal[True],
+) -> tuple[Tensor, EigenInfo]: ...
+
+
+@overload
+def hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    k: int = ...,
+    *,
+    tol: float = ...,
+    max_iter: int = ...,
+    method: str = ...,
+    seed: int = ...,
+    train_mode: bool = ...,
+    info: bool = ...,
+) -> Union[Tensor, tuple[Tensor, EigenInfo]]: ...
 
 
 def hessian_eigenvalues(

@@ -17,7 +17,7 @@ Reference: B. A. Pearlmutter, "Fast exact multiplication by the Hessian", Neural
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -123,7 +123,8 @@ class HessianOperator:
         with torch.enable_grad():
             for index, inputs, targets, size in self.batches:
                 grads = gradient(self.batch_loss(index, inputs, targets), self.params, create_graph=True)
-                dot = sum((g * piece).sum() for g, piece in zip(grads, pieces))
+                # a tensor: trainable_parameters refuses a model without parameters, so the sum is never 0
+                dot = cast(Tensor, sum((g * piece).sum() for g, piece in zip(grads, pieces)))
                 if dot.requires_grad:  # a loss linear in every parameter has H = 0
                     result.add_(flatten(gradient(dot, self.params)), alpha=size)
                 count += size

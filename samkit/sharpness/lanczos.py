@@ -123,8 +123,10 @@ class LanczosProcess:
         self.basis[row] = vector
 
     def _deflate(self, w: Tensor) -> Tensor:
+        locked = self.locked
+        assert locked is not None, "_deflate is only called with locked rows"
         for _ in range(2):
-            w = w - self.locked.T @ (self.locked @ w)
+            w = w - locked.T @ (locked @ w)
         return w
 
     def _orthogonalize(self, w: Tensor, rows: int) -> Tensor:
@@ -141,11 +143,12 @@ class LanczosProcess:
         j = self.steps
         w = self.matvec(self.basis[j])
         self.hvps += 1
-        alpha = torch.dot(w, self.basis[j])
-        w_norm = torch.linalg.vector_norm(w)
+        alpha_tensor = torch.dot(w, self.basis[j])
+        w_norm_tensor = torch.linalg.vector_norm(w)
         w = self._orthogonalize(w, j + 1)
-        beta = torch.linalg.vector_norm(w)
-        alpha, beta, w_norm = alpha.item(), beta.item(), w_norm.item()
+        beta_tensor = torch.linalg.vector_norm(w)
+        # read back together: one device synchronisation per step
+        alpha, beta, w_norm = alpha_tensor.item(), beta_tensor.item(), w_norm_tensor.item()
         if not (abs(alpha) < float("inf") and beta < float("inf")):
             raise ValueError(
                 f"a Hessian-vector product is not finite (alpha={alpha}, beta={beta}); the loss or its "

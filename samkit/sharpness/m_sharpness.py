@@ -25,7 +25,7 @@ examples, so every term is over exactly m examples.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from typing import Any, Callable, Literal, Union, overload
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +90,7 @@ def _worst(batch: _MicroBatchLoss, scale: Tensor | None, rho: float, steps: int)
             return base, best
         delta = delta + (rho / norm) * grad
         delta = delta * torch.clamp(rho / torch.linalg.vector_norm(delta), max=1.0)
+    assert base is not None, "steps >= 1, so the loop set base"
     best = max(best, batch.value(delta if scale is None else scale * delta) - base)
     return base, best
 
@@ -103,6 +104,64 @@ def _average(batch: _MicroBatchLoss, scale: Tensor | None, rho: float, samples: 
             eps = scale * eps
         total += (batch.value(eps) + batch.value(-eps)) / 2 - base
     return base, total / samples
+
+
+# info=True returns (value, details), otherwise the value alone: the overloads let a type checker tell which.
+@overload
+def m_sharpness(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    *,
+    rho: float = ...,
+    micro_batch_size: int = ...,
+    kind: str = ...,
+    adaptive: bool = ...,
+    eta: float = ...,
+    steps: int = ...,
+    samples: int = ...,
+    seed: int = ...,
+    train_mode: bool = ...,
+    info: Literal[False] = ...,
+) -> float: ...
+
+
+@overload
+def m_sharpness(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    *,
+    rho: float = ...,
+    micro_batch_size: int = ...,
+    kind: str = ...,
+    adaptive: bool = ...,
+    eta: float = ...,
+    steps: int = ...,
+    samples: int = ...,
+    seed: int = ...,
+    train_mode: bool = ...,
+    info: Literal[True],
+) -> tuple[float, dict]: ...
+
+
+@overload
+def m_sharpness(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    *,
+    rho: float = ...,
+    micro_batch_size: int = ...,
+    kind: str = ...,
+    adaptive: bool = ...,
+    eta: float = ...,
+    steps: int = ...,
+    samples: int = ...,
+    seed: int = ...,
+    train_mode: bool = ...,
+    info: bool = ...,
+) -> Union[float, tuple[float, dict]]: ...
 
 
 def m_sharpness(
@@ -156,7 +215,9 @@ def m_sharpness(
     check_seed(seed)
     check_bool("train_mode", train_mode)
     check_bool("info", info)
-    values, losses, left_out, largest = [], [], 0, 0
+    values: list[float] = []
+    losses: list[float] = []
+    left_out = largest = 0
     forwards = backwards = 0
     with measuring(model, train_mode=train_mode) as seed_forward:
         op = HessianOperator(model, loss_fn, data, seed_forward=seed_forward, seed=seed)

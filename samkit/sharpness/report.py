@@ -66,14 +66,21 @@ def flatness_report(
         ['eigenvalues', 'eigenvalues_converged', 'hvps']
     """
     data = reusable(data)  # a generator would be used up by the first of the four measurements
-    common = {"seed": seed, "train_mode": train_mode}
     values, eig = hessian_eigenvalues(
-        model, loss_fn, data, k, tol=tol, max_iter=max_iter, method=method, info=True, **common
+        model, loss_fn, data, k, tol=tol, max_iter=max_iter, method=method, info=True, seed=seed, train_mode=train_mode
     )
-    trace, trace_info = hessian_trace(model, loss_fn, data, samples=trace_samples, info=True, **common)
-    sharpness = {"rho": rho, "micro_batch_size": micro_batch_size, "adaptive": adaptive, **common}
-    worst, worst_info = m_sharpness(model, loss_fn, data, kind="worst", steps=sharpness_steps, info=True, **sharpness)
-    average = m_sharpness(model, loss_fn, data, kind="average", samples=sharpness_samples, **sharpness)
+    trace, trace_info = hessian_trace(
+        model, loss_fn, data, samples=trace_samples, info=True, seed=seed, train_mode=train_mode
+    )
+    # both m-sharpness calls measure the same ball (rho, micro_batch_size, adaptive) on the same data and seed
+    worst, worst_info = m_sharpness(
+        model, loss_fn, data, kind="worst", steps=sharpness_steps, info=True,
+        rho=rho, micro_batch_size=micro_batch_size, adaptive=adaptive, seed=seed, train_mode=train_mode,
+    )
+    average = m_sharpness(
+        model, loss_fn, data, kind="average", samples=sharpness_samples,
+        rho=rho, micro_batch_size=micro_batch_size, adaptive=adaptive, seed=seed, train_mode=train_mode,
+    )
     eigenvalues = [float(v) for v in values]
     ratio: Optional[float] = eigenvalues[0] / eigenvalues[-1] if eigenvalues[-1] > 0 else None
     return {

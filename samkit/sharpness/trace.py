@@ -18,7 +18,7 @@ implicit symmetric positive semi-definite matrix", JACM 2011.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Iterator, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Union, overload
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,46 @@ def hutchinson(op: Callable[[Tensor], Tensor], probes: Iterable[Tensor]) -> Tens
 def rademacher_probes(n: int, samples: int, generator: torch.Generator, *, dtype, device) -> Iterator[Tensor]:
     for _ in range(samples):
         yield rademacher(n, generator, dtype=dtype, device=device)
+
+
+# info=True returns (trace, details), otherwise the trace alone: the overloads let a type checker tell which.
+@overload
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    *,
+    samples: int = ...,
+    seed: int = ...,
+    train_mode: bool = ...,
+    info: Literal[False] = ...,
+) -> float: ...
+
+
+@overload
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    *,
+    samples: int = ...,
+    seed: int = ...,
+    train_mode: bool = ...,
+    info: Literal[True],
+) -> tuple[float, dict]: ...
+
+
+@overload
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    *,
+    samples: int = ...,
+    seed: int = ...,
+    train_mode: bool = ...,
+    info: bool = ...,
+) -> Union[float, tuple[float, dict]]: ...
 
 
 def hessian_trace(
