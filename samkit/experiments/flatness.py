@@ -3,7 +3,9 @@
     --track-hessian N   every N epochs (and at the last): λ1..λ5 of the Hessian of the training loss
                         (plain cross-entropy, eval mode) on the first HESSIAN_EXAMPLES training examples,
                         by Lanczos (samkit.sharpness.hessian_eigenvalues, tol 1e-3, <= 100 HVPs)
-                        -> lambda_max = λ1, lambda_ratio = λ1 / λ5
+                        -> lambda_max = λ1, lambda_ratio = λ1 / λ5, lambdas = [λ1..λ5], and the SLQ
+                        spectral density (samkit.sharpness.hessian_spectrum, DENSITY_ITERATIONS nodes, one probe)
+                        as density_nodes / density_weights, for the per-epoch density picture
     samkit sharpness RUN  flatness_report of the saved model   -> RUN/sharpness.json
     samkit landscape RUN  2-D loss surface around the weights  -> RUN/landscape.png
 
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 HESSIAN_EXAMPLES = 1000
 HESSIAN_BATCH = 500
 HESSIAN_K = 5
+DENSITY_ITERATIONS = 60
 
 
 def _batches(x: Tensor, y: Tensor, examples: int, batch: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
@@ -34,16 +37,28 @@ def _batches(x: Tensor, y: Tensor, examples: int, batch: int, device: torch.devi
 def hessian_summary(
     model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor, *, seed: int = 0
 ) -> dict[str, float]:
-    """``{"lambda_max": λ1, "lambda_ratio": λ1 / λ5}`` on the first HESSIAN_EXAMPLES of (x, y)."""
-    from samkit.sharpness import hessian_eigenvalues
+    """λ1..λ5 and the SLQ density on the first HESSIAN_EXAMPLES of (x, y).
+
+    ``{"lambda_max": λ1, "lambda_ratio": λ1 / λ5, "lambdas": [λ1..λ5], "density_nodes": [...],
+    "density_weights": [...]}``; the density's nodes and weights are those of ``hessian_spectrum`` (one probe of
+    DENSITY_ITERATIONS Lanczos steps, seeded), so ``Spectrum(nodes, weights, ...)``'s broadening can be redrawn.
+    """
+    from samkit.sharpness import hessian_eigenvalues, hessian_spectrum
 
     device = next(model.parameters()).device
     data = _batches(x, y, HESSIAN_EXAMPLES, HESSIAN_BATCH, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a loose tol is enough for a curve; say so in the docs
         values = hessian_eigenvalues(model, loss_fn, data, k=HESSIAN_K, tol=1e-3, max_iter=100, seed=seed)
+    spectrum = hessian_spectrum(model, loss_fn, data, iterations=DENSITY_ITERATIONS, runs=1, seed=seed)
     top, fifth = float(values[0]), float(values[-1])
-    return {"lambda_max": top, "lambda_ratio": top / fifth if fifth > 0 else math.inf}
+    return {
+        "lambda_max": top,
+        "lambda_ratio": top / fifth if fifth > 0 else math.inf,
+        "lambdas": [float(v) for v in values],
+        "density_nodes": spectrum.nodes.tolist(),
+        "density_weights": spectrum.weights.tolist(),
+    }
 
 
 def run_sharpness(

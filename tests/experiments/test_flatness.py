@@ -49,9 +49,18 @@ def test_lambda_max_of_a_small_model_matches_the_dense_hessian(tmp_path):
     dataset = load_dataset("synthetic")
     x, y = dataset.x_train[:100], dataset.y_train[:100]
     summary = hessian_summary(model, torch.nn.functional.cross_entropy, x, y)
-    top = dense_top_eigenvalues(model, x, y, 5)
+    n = sum(p.numel() for p in model.parameters())
+    every = dense_top_eigenvalues(model, x, y, n)  # the whole spectrum, descending
+    top = every[:5]
     assert summary["lambda_max"] == pytest.approx(top[0], rel=2e-3)
     assert summary["lambda_ratio"] == pytest.approx(top[0] / top[4], rel=1e-2)
+    assert summary["lambdas"] == pytest.approx(list(top), rel=1e-2)
+    # the SLQ density: weights sum to 1; Ritz values lie inside the spectrum, and 60 Lanczos steps find its top
+    nodes, weights = summary["density_nodes"], summary["density_weights"]
+    assert len(nodes) == len(weights) == 60 and sum(weights) == pytest.approx(1.0, abs=1e-9)
+    spread = every[0] - every[-1]
+    assert min(nodes) >= every[-1] - 1e-4 * spread and max(nodes) <= every[0] + 1e-4 * spread
+    assert max(nodes) == pytest.approx(every[0], rel=1e-3)
 
 
 def test_sharpness_and_landscape_commands_write_their_files(finished_run):
