@@ -1,0 +1,119 @@
+"""The Hessian spectrum during training, SGD beside SAM (the SAM paper's "flatness" figure, at this scale).
+
+Trains one SGD and one SAM run of the same job with ``samkit train --track-hessian N`` (λ1..λ5 by Lanczos and
+the SLQ spectral density of the training-loss Hessian, on the first 1000 training examples, every N epochs and
+at the last), then draws:
+
+    top row     the spectral density at each tracked epoch (log scale, darker = later), SGD left, SAM right,
+                on one eigenvalue axis
+    bottom row  λmax over epochs (both methods) and λ1/λ5 over epochs (both methods)
+
+and prints λmax(SGD) / λmax(SAM) at the end (the paper, WRN on CIFAR-10 at epoch 300: 24.2 / 1.0).
+
+    python examples/hessian_during_training.py --out experiments/hessian-fmnist-mlp-1k --every 10 \\
+        -- --data fashion-mnist --model mlp --subset 1000 --epochs 100 --threads 1
+
+Arguments after ``--`` go to both ``samkit train`` runs; ``--rho`` is SAM's radius. Finished runs are reused.
+Writes OUT/hessian_spectrum.png and OUT/hessian_spectrum.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+METHODS = ("sgd", "sam")
+
+
+def tracked_rows(run: Path) -> list[dict]:
+    """The metrics.jsonl rows that carry a Hessian measurement, in epoch order."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    tracked = [row for row in rows if row.get("density_nodes")]
+    if not tracked:
+        raise ValueError(f"{run} has no Hessian densities in metrics.jsonl: train it with --track-hessian N")
+    return tracked
+
+
+def broadened(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
+    """Σ_i w_i N(t; θ_i, σ²) on ``grid``: the SLQ density with Gaussian broadening."""
+    diff = grid[:, None] - nodes[None, :]
+    return (weights[None, :] * np.exp(-(diff**2) / (2 * sigma**2))).sum(axis=1) / (sigma * np.sqrt(2 * np.pi))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    job = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--every", type=int, default=10, help="track the Hessian every N epochs")
+    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(own)
+    runs = {}
+    for method in METHODS:
+        run = args.out / "runs" / method
+        if not (run / "summary.json").exists():
+            command = [sys.executable, "-m", "samkit", "train", "--optimizer", method, "--seed", str(args.seed),
+                       "--track-hessian", str(args.every), "--out", str(run), "--quiet", *job]
+            if method == "sam":
+                command += ["--rho", str(args.rho)]
+            if run.exists():
+                command.append("--resume")
+            print(" ".join(command), flush=True)
+            subprocess.run(command, check=True)
+        runs[method] = tracked_rows(run)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    every_node = np.concatenate([np.array(r["density_nodes"]) for rows in runs.values() for r in rows])
+    low, high = float(every_node.min()), float(every_node.max())
+    sigma = 0.01 * (high - low)
+    grid = np.linspace(low - 5 * sigma, high + 5 * sigma, 1500)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for ax, method in zip(axes[0], METHODS):
+        rows = runs[method]
+        colours = plt.cm.viridis(np.linspace(0.9, 0.0, len(rows)))
+        for row, colour in zip(rows, colours):
+            density = broadened(np.array(row["density_nodes"]), np.array(row["density_weights"]), grid, sigma)
+            ax.semilogy(grid, np.maximum(density, 1e-12), color=colour, label=f"epoch {row['epoch']}")
+        ax.set(title=f"{method.upper()}: Hessian spectral density", xlabel="eigenvalue", ylabel="density (log)",
+               ylim=(1e-6, None))
+        ax.legend(fontsize=7, ncol=2)
+    for method in METHODS:
+        epochs = [row["epoch"] for row in runs[method]]
+        axes[1, 0].plot(epochs, [row["lambda_max"] for row in runs[method]], marker="o", label=method.upper())
+        axes[1, 1].plot(epochs, [row["lambda_ratio"] for row in runs[method]], marker="o", label=method.upper())
+    axes[1, 0].set(xlabel="epoch", ylabel="λmax", title="largest eigenvalue")
+    axes[1, 1].set(xlabel="epoch", ylabel="λ1 / λ5", title="λ1 / λ5")
+    for ax in axes[1]:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Hessian of the training loss during training ({' '.join(job)})", fontsize=9)
+    fig.tight_layout()
+    args.out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out / "hessian_spectrum.png", dpi=130)
+    plt.close(fig)
+
+    last = {method: runs[method][-1] for method in METHODS}
+    ratio = last["sgd"]["lambda_max"] / last["sam"]["lambda_max"]
+    lines = ["| epoch | " + " | ".join(f"{m.upper()} λmax | {m.upper()} λ1/λ5" for m in METHODS) + " |",
+             "|---|" + "---|---|" * len(METHODS)]
+    for row_sgd, row_sam in zip(runs["sgd"], runs["sam"]):
+        lines.append(f"| {row_sgd['epoch']} | {row_sgd['lambda_max']:.3g} | {row_sgd['lambda_ratio']:.3g} | "
+                     f"{row_sam['lambda_max']:.3g} | {row_sam['lambda_ratio']:.3g} |")
+    lines += ["", f"At the last epoch: λmax(SGD) / λmax(SAM) = {ratio:.2f} (SAM rho {args.rho})"]
+    (args.out / "hessian_spectrum.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
