@@ -53,3 +53,23 @@ def test_t_interval_matches_the_formula():
     assert mean == pytest.approx(3.5)
     # t(0.975, 3) = 3.182446305284263
     assert half == pytest.approx(3.182446305284263 * np.std(values, ddof=1) / 2.0, rel=1e-12)
+
+
+hessian = runpy.run_path(str(EXAMPLES / "hessian_during_training.py"))
+
+
+def test_broadened_density_integrates_to_one_and_peaks_at_a_lone_node():
+    grid = np.linspace(-10, 10, 20001)
+    nodes, weights = np.array([-2.0, 0.5, 3.0]), np.array([0.2, 0.5, 0.3])
+    density = hessian["broadened"](nodes, weights, grid, 0.1)
+    assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=1e-9)
+    # far from the others, each node's bump holds its weight
+    near_three = (grid > 2.0) & (grid < 4.0)
+    assert np.trapezoid(density[near_three], grid[near_three]) == pytest.approx(0.3, abs=1e-9)
+    assert grid[np.argmax(density)] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_tracked_rows_refuses_a_run_without_densities(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "lambda_max": 2.0}\n')
+    with pytest.raises(ValueError, match="--track-hessian"):
+        hessian["tracked_rows"](tmp_path)
