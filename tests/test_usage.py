@@ -1,4 +1,4 @@
-"""The usage patterns documented in the README and the seed's snippet run as written and mean what they say."""
+"""The usage patterns documented in the README and the common SAM snippet run as written and mean what they say."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from samkit import SAM, frozen_running_stats, sam_step
 from tests.optim.reference import batch, loss_fn, mlp
 
 
-def test_the_seed_snippet_runs_as_written():
+def test_the_common_two_step_snippet_runs_as_written():
     model = mlp()
     loss_function = torch.nn.functional.cross_entropy
     data = [batch(seed=s) for s in range(3)]
     before = [p.detach().clone() for p in model.parameters()]
 
-    # --- the seed's usage snippet, verbatim apart from argument order of loss_function ---
+    # --- the common two-step usage snippet, verbatim apart from argument order of loss_function ---
     base_optimizer = torch.optim.SGD  # define an optimizer for the "sharpness-aware" update
     optimizer = SAM(model.parameters(), base_optimizer, lr=0.1, momentum=0.9)
     for input, output in data:

@@ -7,8 +7,9 @@
     mean corrupted accuracy = mean over kinds and severities
     -> RUN/evaluation.json, RUN/corruptions.csv
 
-Models of equal clean accuracy can differ much more under such shifts (D'Amour et al. 2020, the seed slides'
-"what is generalization?"); a flatter minimum is expected to degrade more gently.
+Models of equal clean accuracy can differ much more under such shifts (D'Amour et al. 2020,
+"Underspecification presents challenges for credibility in modern machine learning"); a flatter minimum is
+expected to degrade more gently.
 """
 
 from __future__ import annotations

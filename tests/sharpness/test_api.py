@@ -19,7 +19,7 @@ from samkit.sharpness import (
 )
 from tests.sharpness.reference import loss_fn, tiny_data, tiny_mlp, train
 
-# The signatures: (model, loss_fn, data[, k]) then keyword-only options with these defaults.
+# The public signatures: (model, loss_fn, data[, k]) then keyword-only options with these defaults.
 SIGNATURES = {
     hessian_eigenvalues: ({"k": 1}, {"tol": 1e-6, "max_iter": 100, "seed": 0}),
     hessian_trace: ({}, {"samples": 100, "seed": 0}),
