@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+TensorList = Union[list[Tensor], tuple[Tensor, ...]]  # what torch's foreach ops take; they return tuples
 GROUP_OPTIONS = ("rho", "p", "adaptive", "eta")  # the per-param-group options of every SAM-family optimizer
 
 
@@ -136,7 +137,7 @@ def perturbation(
     return epsilons, norm
 
 
-def _scale(group: PerturbationGroup, foreach: bool) -> Optional[list[Tensor]]:
+def _scale(group: PerturbationGroup, foreach: bool) -> Optional[TensorList]:
     """T = |w| + eta for adaptive groups, None (identity) otherwise."""
     if not group.adaptive:
         return None
@@ -148,7 +149,7 @@ def _scale(group: PerturbationGroup, foreach: bool) -> Optional[list[Tensor]]:
     return [w.abs() + group.eta if group.eta != 0.0 else w.abs() for w in group.params]
 
 
-def _scaled_grads(group: PerturbationGroup, foreach: bool) -> list[Tensor]:
+def _scaled_grads(group: PerturbationGroup, foreach: bool) -> TensorList:
     t = _scale(group, foreach)
     grads = list(group.grads)
     if t is None:
@@ -158,7 +159,7 @@ def _scaled_grads(group: PerturbationGroup, foreach: bool) -> list[Tensor]:
     return [ti * g for ti, g in zip(t, grads)]
 
 
-def _norms(tensors: list[Tensor], q: float, foreach: bool) -> list[Tensor]:
+def _norms(tensors: TensorList, q: float, foreach: bool) -> list[Tensor]:
     if foreach:
         return list(torch._foreach_norm(tensors, q))
     return [torch.linalg.vector_norm(t, q) for t in tensors]
@@ -166,7 +167,7 @@ def _norms(tensors: list[Tensor], q: float, foreach: bool) -> list[Tensor]:
 
 def _epsilon(
     group: PerturbationGroup,
-    scaled: list[Tensor],
+    scaled: TensorList,
     p: float,
     q: float,
     denominator: Optional[Tensor],
@@ -197,6 +198,8 @@ def _epsilon(
 
 
 def _epsilon_values(group, scaled, p, q, t, factor, foreach) -> list[Tensor]:
+    direction: TensorList
+    eps_hat: TensorList
     if p == 2.0:
         if t is None:
             direction, t = list(group.grads), None
