@@ -41,7 +41,7 @@ step decides; the gradient-sized one runs only then): 2 replicas x 1 micro-batch
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor
@@ -100,7 +100,7 @@ class GSAM(SAM):
     ) -> None:
         if not _finite_number(alpha) or alpha < 0:
             raise ValueError(f"alpha must be a finite number >= 0 (0 gives SAM), got {alpha!r}")
-        schedule = {"rho_min": rho_min, "lr_max": lr_max, "lr_min": lr_min}
+        schedule: dict[str, Any] = {"rho_min": rho_min, "lr_max": lr_max, "lr_min": lr_min}
         given = [k for k, v in schedule.items() if v is not None]
         if given and len(given) < 3:
             missing = [k for k in schedule if k not in given]
@@ -112,7 +112,7 @@ class GSAM(SAM):
             for name in ("rho_min", "lr_max", "lr_min"):
                 if not _finite_number(schedule[name]) or schedule[name] < 0:
                     raise ValueError(f"{name} must be a finite number >= 0, got {schedule[name]!r}")
-            if not lr_max > lr_min:
+            if not cast(float, lr_max) > cast(float, lr_min):  # both given: checked above
                 raise ValueError(
                     f"lr_max must be > lr_min, got lr_max={lr_max!r}, lr_min={lr_min!r}: pass the schedule's peak and "
                     "final learning rates (for a constant learning rate, leave the schedule out)"
@@ -154,7 +154,8 @@ class GSAM(SAM):
         rho = group["rho"]
         if self.rho_min is None:
             return rho
-        fraction = (float(group["lr"]) - self.lr_min) / (self.lr_max - self.lr_min)
+        lr_min, lr_max = cast(float, self.lr_min), cast(float, self.lr_max)  # set with rho_min (checked in __init__)
+        fraction = (float(group["lr"]) - lr_min) / (lr_max - lr_min)
         low, high = min(self.rho_min, rho), max(self.rho_min, rho)
         return min(max(self.rho_min + (rho - self.rho_min) * fraction, low), high)
 
