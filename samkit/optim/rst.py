@@ -28,7 +28,7 @@ nothing new.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 
@@ -131,10 +131,12 @@ class RandomSAM(SAM):
         """p_t of step t."""
         if self.schedule == "constant":
             return self.prob
-        progress = min(t, self.total_steps) / self.total_steps
+        # a scheduled p has prob_end and total_steps (checked in __init__)
+        prob_end, total_steps = cast(float, self.prob_end), cast(int, self.total_steps)
+        progress = min(t, total_steps) / total_steps
         if self.schedule == "linear":
-            return self.prob + (self.prob_end - self.prob) * progress
-        return self.prob_end + (self.prob - self.prob_end) * (1.0 + math.cos(math.pi * progress)) / 2.0
+            return self.prob + (prob_end - self.prob) * progress
+        return prob_end + (self.prob - prob_end) * (1.0 + math.cos(math.pi * progress)) / 2.0
 
     def _plan(self) -> bool:
         memory, step = self._step.memory, self._step.steps
