@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -425,14 +425,14 @@ class SAM(Optimizer):
                 _, norm = perturbation(
                     groups, eps=self.eps, foreach=True, out=[g.params for g in groups], check_out=False
                 )
-                finite = bool(torch.isfinite(norm))
+                finite = bool(torch.isfinite(cast(Tensor, norm)))  # params has gradients, so a norm exists
             except BaseException:
                 torch._foreach_copy_(params, saved)  # the weights may hold part of ε̂: put w back
                 self._step.phase = Phase.READY
                 raise
             if not finite:
                 torch._foreach_copy_(params, saved)
-                self._raise_non_finite(norm)
+                self._raise_non_finite(cast(Tensor, norm))
             torch._foreach_add_(params, saved)  # ε̂ + w: IEEE addition commutes, so bit-exact with w + ε̂
         else:  # the per-tensor reference path
             epsilons, norm = perturbation(groups, eps=self.eps, foreach=False)
