@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor
 
-from samkit.optim.perturbation import PerturbationGroup
+from samkit.optim.perturbation import PerturbationGroup, TensorList
 from samkit.optim.sam import SAM
 
 FORMS = ("code", "paper")
@@ -137,7 +137,7 @@ class FriendlySAM(SAM):
             ema[i] = clean[i] if self.form == "code" else clean[i] * (1.0 - self.lmbda)
         if not moving:
             return
-        m, g = [ema[i] for i in moving], [clean[i] for i in moving]
+        m, g = cast(list[Tensor], [ema[i] for i in moving]), [clean[i] for i in moving]  # moving: m exists
         if self.foreach:
             torch._foreach_mul_(m, self.lmbda)
             torch._foreach_add_(m, g, alpha=1.0 - self.lmbda)
@@ -165,7 +165,8 @@ class FriendlySAM(SAM):
                 out[i] = grads[i].add(grads[i] * (1.0 - lmbda), alpha=-sigma)
         if not present:
             return out
-        g, m = [grads[i] for i in present], [ema[i] for i in present]
+        m: TensorList
+        g, m = [grads[i] for i in present], cast(list[Tensor], [ema[i] for i in present])  # present: m exists
         if self.form == "paper":  # m_t = λ m_{t−1} + (1 − λ) g takes m's place
             if self.foreach:
                 m = torch._foreach_mul(m, lmbda)
