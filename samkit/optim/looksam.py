@@ -28,11 +28,12 @@ a different g_v and the replicas' weights drift apart on the one-pass steps: not
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor
 
+from samkit.optim.perturbation import TensorList
 from samkit.optim.sam import SAM
 
 
@@ -113,7 +114,10 @@ class LookSAM(SAM):
             if self.k > 1:  # with k = 1 no step ever reuses g_v
                 self._keep_orthogonal_part(params, stored)
             return
-        pairs = [(t.grad, stored[i]) for i, t in enumerate(params) if t.grad is not None and stored[i] is not None]
+        pairs = cast(  # both present, by the filter
+            list[tuple[Tensor, Tensor]],
+            [(t.grad, stored[i]) for i, t in enumerate(params) if t.grad is not None and stored[i] is not None],
+        )
         if pairs and self.alpha != 0.0:
             self._add_reused_direction([g for g, _ in pairs], [v for _, v in pairs])
 
@@ -135,7 +139,7 @@ class LookSAM(SAM):
             stored[i] = None
         if not index:
             return
-        g, gs = [clean[i] for i in index], [params[i].grad for i in index]
+        g, gs = [clean[i] for i in index], cast(list[Tensor], [params[i].grad for i in index])  # index: grads exist
         if self.foreach:
             dots = [t.sum() for t in torch._foreach_mul(g, gs)]
             norms = list(torch._foreach_norm(g))
@@ -148,6 +152,7 @@ class LookSAM(SAM):
             norm = torch.linalg.vector_norm(torch.stack(norms))
             coefficient = _ratio(torch.stack(dots).sum(), norm * norm)
             coefficients = [coefficient] * len(g)
+        g_v: TensorList
         if self.foreach:
             # one 0-dim tensor for all (global) takes the fused kernel; a list of them (layerwise) the per-tensor one
             parallel = torch._foreach_mul(g, coefficients if self.layerwise else coefficient)
