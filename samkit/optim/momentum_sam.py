@@ -41,7 +41,7 @@ forward-only epoch at the end of training (e.g. ``torch.optim.swa_utils.update_b
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor
@@ -264,11 +264,12 @@ class MomentumSAM(SAM):
             t, b = params[i], buffers[i]
             if b is None or b.shape != t.shape or b.dtype != t.dtype or b.device != t.device:
                 buffers[i] = torch.empty_like(t, memory_format=torch.preserve_format)
-        return [buffers[i] for i in indices]
+        return cast(list[Tensor], [buffers[i] for i in indices])  # each one set above
 
     def _decay_at_ascent_point(self, moved: tuple[int, ...]) -> None:
         """.grad += wd (w~ - w) for coupled weight decay, so that the base step's g + wd w is g + wd w~."""
-        params, saved, position = self._params(), self._param_list("w"), 0
+        # only moved parameters are read from saved, and each of them has its w there
+        params, saved, position = self._params(), cast(list[Tensor], self._param_list("w")), 0
         moved_set = set(moved)
         for group in self.param_groups:
             n = len(group["params"])
@@ -276,7 +277,7 @@ class MomentumSAM(SAM):
             decay = float(decay) if isinstance(decay, Tensor) else decay
             if decay != 0 and not group.get("decoupled_weight_decay", False):
                 index = [i for i in range(position, position + n) if i in moved_set and params[i].grad is not None]
-                grads = [params[i].grad for i in index]
+                grads = cast(list[Tensor], [params[i].grad for i in index])  # index: grads exist
                 if self.foreach and index:
                     shift = torch._foreach_sub([params[i] for i in index], [saved[i] for i in index])
                     torch._foreach_add_(grads, shift, alpha=decay)
