@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ class Precision:
     def unscale_(self, grads: Sequence[Optional[Tensor]]) -> None:
         grads = [g for g in grads if g is not None]
         if self.scaler is not None and grads:
-            torch._foreach_mul_(grads, 1.0 / self.scaler.get_scale())
+            torch._foreach_mul_(cast(list[Tensor], grads), 1.0 / self.scaler.get_scale())  # the None are gone
 
     def unscaled(self, grads: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
         """Unscaled copies (the tensors themselves when there is no scaler)."""
@@ -107,7 +107,7 @@ def skip_step(optimizer, precision: Precision, trainable, *, unscaled: bool) -> 
     """An overflow under a GradScaler: weights untouched, the optimizer's step abandoned (its counters and a
     variant's state stay as they were), and the scaler backs off through its own logic."""
     optimizer.cancel_step()
-    scaler = precision.scaler
+    scaler = cast(torch.amp.GradScaler, precision.scaler)  # an overflow is only skipped under a GradScaler
     if not unscaled:
         for t in trainable:
             t.grad = None
@@ -130,7 +130,7 @@ def no_sync(model, *, enabled: bool):
 def replica_mean(grads: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
     """The mean over DDP replicas of each gradient, as new tensors (the inputs are left as they are)."""
     world = torch.distributed.get_world_size()
-    out = []
+    out: list[Optional[Tensor]] = []
     for g in grads:
         if g is None:
             out.append(None)
