@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -163,7 +163,7 @@ def _plot_1d(figure: Figure, landscapes, titles) -> None:
 
 
 def plot_landscapes(
-    landscapes: Union[Mapping[str, object], Sequence[object]],
+    landscapes: Union[Mapping[str, Any], Sequence[Any]],  # of Landscape (landscape.py imports this module)
     path,
     *,
     titles: Optional[Sequence[str]] = None,
@@ -193,7 +193,7 @@ def plot_landscapes(
     return save_png(landscape_figure(landscapes, titles), path)
 
 
-def landscape_figure(landscapes: Sequence[object], titles: Sequence[str]) -> Figure:
+def landscape_figure(landscapes: Sequence[Any], titles: Sequence[str]) -> Figure:
     """The matplotlib Figure that ``plot_landscapes`` writes (one column per landscape, same ``dims``)."""
     if {land.dims for land in landscapes} == {2}:
         figure = Figure(figsize=(6.0 * len(landscapes), 10.5))
