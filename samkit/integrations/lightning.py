@@ -1,0 +1,425 @@
+"""PyTorch Lightning: ``SAMLightningModule``, a LightningModule whose training step is a step of the SAM family.
+
+Install with ``pip install 'samkit[lightning]'`` (pytorch-lightning 2.6.6). Subclass ``SAMLightningModule``
+instead of ``pl.LightningModule``, write ``training_loss(batch)`` (the mean loss over one batch at the current
+weights) in place of ``training_step``, and return any optimizer of the family from ``configure_optimizers``::
+
+    class Classifier(SAMLightningModule):
+        def __init__(self):
+            super().__init__()                       # options: accumulate_grad_batches=4, max_grad_norm=1.0, ...
+            self.net = torch.nn.Sequential(...)
+
+        def training_loss(self, batch):              # called once per forward-backward pass
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            opt = SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": CosineAnnealingLR(opt, 1000), "interval": "step"}}
+
+One optimizer step covers a window of n batches (n = ``accumulate_grad_batches``; fewer for the last window of an
+epoch), each weighted 1/n::
+
+    clean passes       g = (1/n) Σ_j ∇L(b_j; w)          BN statistics update; DDP: no all-reduce (own ε̂ per replica)
+    "shared"           ε̂ from g;  G = (1/n) Σ_j ∇L(b_j; w + ε̂)          = SAM on the union of the n batches
+    "per_micro_batch"  ε̂_j from ∇L(b_j; w);  G = (1/n) Σ_j ∇L(b_j; w + ε̂_j)   = mSAM, the batches as micro-batches
+    perturbed passes   BN statistics frozen; DDP: G all-reduced once, on the last pass
+    w <- base step with G (unscaled and clipped first), global_step += 1, "step" schedulers step
+
+The optimizer's rule decides as in ``sam_step`` (a one-pass step of LookSAM, RST, AE-SAM, ``interval`` ... runs
+only the clean passes). Lightning runs this module in manual optimization, which refuses the Trainer's
+``accumulate_grad_batches`` and ``gradient_clip_val``: pass them to this module's constructor instead. What
+Lightning's own optimizer step does is done here too: ``trainer.global_step`` counts the optimizer steps (so
+``max_steps``, ``ModelCheckpoint(every_n_train_steps=...)`` and the per-epoch checkpoints work), the
+``on_before_optimizer_step`` hooks run before the base step, and the schedulers of ``configure_optimizers`` step
+by their ``interval`` and ``frequency``. Under ``precision="16-mixed"`` the Trainer's GradScaler scales both
+passes, ε̂ is taken from the unscaled gradient, and a step whose gradients overflow is skipped whole (it still
+counts in ``global_step``, as in Lightning's own AMP loop; ``optimizer.steps`` counts the steps taken).
+
+Between steps the weights sit at w for every optimizer of the family (Momentum-SAM is moved there with its
+``eval()`` after each step and back with ``train()`` before the next), so validation, callbacks and checkpoints
+see w. A checkpoint taken inside a window stores the window's pending batches, so a resume completes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.utilities.apply_func import move_data_to_device
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+from torch import Tensor
+
+from samkit.batchnorm import frozen_running_stats
+from samkit.optim.sam import SAM
+from samkit.step.common import Precision, replica_mean, skip_step
+
+PERTURBATIONS = ("shared", "per_micro_batch")
+PENDING_BATCHES_KEY = "samkit_pending_batches"  # the checkpoint entry that holds a window's pending batches
+
+
+class SAMLightningModule(pl.LightningModule):
+    """A LightningModule trained by an optimizer of the SAM family (see the module docstring for the step).
+
+    Args:
+        accumulate_grad_batches: n, the batches per optimizer step (Lightning's own option is refused under manual
+            optimization). Each batch weighs 1/n.
+        perturbation: with n > 1, ``"shared"`` (default: one ε̂ from the window's gradient, SAM on the union of
+            the batches) or ``"per_micro_batch"`` (each batch its own ε̂: mSAM with the batches as micro-batches).
+        max_grad_norm: clip the descent gradient to this global 2-norm before the base step (ε̂ is taken from the
+            unclipped gradient); Lightning's ``gradient_clip_val`` is refused under manual optimization.
+        step_schedulers: step the schedulers returned by ``configure_optimizers``: ``interval="step"`` ones after
+            every ``frequency``-th optimizer step, ``interval="epoch"`` ones after the last step of every
+            ``frequency``-th epoch. ``False``: step them yourself (needed for ``ReduceLROnPlateau``).
+        log_loss: log the window's mean clean loss as ``train_loss`` (progress bar too) after each step.
+
+    Subclasses implement ``training_loss(batch)`` and ``configure_optimizers``. A subclass that overrides
+    ``on_save_checkpoint`` or ``on_load_checkpoint`` calls ``super()`` in it (they carry a window's pending
+    batches). Log from ``training_loss`` in the clean pass only: ``if not self.sam_optimizer.perturbed: ...``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        accumulate_grad_batches: int = 1,
+        perturbation: str = "shared",
+        max_grad_norm: Optional[float] = None,
+        step_schedulers: bool = True,
+        log_loss: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        n = accumulate_grad_batches
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"accumulate_grad_batches must be an integer >= 1 (batches per optimizer step), got {n!r}")
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a number > 0 (or None for no clipping), got {max_grad_norm!r}")
+        self.automatic_optimization = False
+        self.sam_accumulate_grad_batches = n
+        self.sam_perturbation = perturbation
+        self.sam_max_grad_norm = max_grad_norm
+        self.sam_step_schedulers = bool(step_schedulers)
+        self.sam_log_loss = bool(log_loss)
+        self._sam_pending: list = []  # the batches of the window in progress
+
+    # ----------------------------------------------------------------------------------------------------------
+    # what a subclass provides
+
+    def training_loss(self, batch: Any) -> Tensor:
+        """The mean loss over ``batch`` at the current weights (a scalar tensor). Called once per pass: on a SAM
+        step first at w, then at w + ε̂ (``self.sam_optimizer.perturbed`` is True there)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement training_loss(self, batch) -> the mean loss over the batch "
+            "(SAMLightningModule's training_step calls it once per forward-backward pass)"
+        )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # what a subclass may read
+
+    @property
+    def sam_optimizer(self) -> SAM:
+        """The SAM-family optimizer returned by ``configure_optimizers`` (not Lightning's wrapper of it)."""
+        return _sam_optimizer(self)
+
+    @property
+    def estimated_optimizer_steps(self) -> float:
+        """The optimizer steps of the whole fit, for schedulers such as OneCycleLR: what
+        ``trainer.estimated_stepping_batches`` gives in automatic optimization, counted in windows of
+        ``accumulate_grad_batches`` batches (the Trainer counts batches under manual optimization)."""
+        trainer = self.trainer
+        if trainer.max_epochs == -1:
+            return float("inf") if trainer.max_steps == -1 else trainer.max_steps
+        trainer.estimated_stepping_batches  # noqa: B018 (loads the train dataloader, so num_training_batches is set)
+        batches = trainer.num_training_batches
+        if batches == float("inf"):
+            return trainer.max_steps
+        steps = math.ceil(batches / self.sam_accumulate_grad_batches) * max(trainer.max_epochs or 1, 1)
+        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Lightning hooks
+
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
+        """Collect the batch; on the window's last batch run the optimizer step and return its mean clean loss."""
+        self._sam_pending.append(batch)
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        last_of_epoch = progress.is_last_batch or progress.current.ready == self.trainer.num_training_batches
+        if len(self._sam_pending) < self.sam_accumulate_grad_batches and not last_of_epoch:
+            return None
+        batches = [move_data_to_device(b, self.device) for b in self._sam_pending]
+        self._sam_pending = []
+        step = _Step(self)
+        loss = step.run(batches)
+        if self.sam_step_schedulers:
+            step.step_schedulers("step")
+            if last_of_epoch:
+                step.step_schedulers("epoch")
+        if self.sam_log_loss:
+            self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[PENDING_BATCHES_KEY] = list(self._sam_pending)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._sam_pending = list(checkpoint.get(PENDING_BATCHES_KEY, []))
+
+
+def _sam_optimizer(module: pl.LightningModule) -> SAM:
+    optimizers = module.trainer.optimizers
+    if len(optimizers) != 1:
+        raise ValueError(
+            f"{type(module).__name__}.configure_optimizers returned {len(optimizers)} optimizers: "
+            "SAMLightningModule trains with exactly one, an optimizer of the SAM family"
+        )
+    optimizer = optimizers[0]
+    if not isinstance(optimizer, SAM):
+        raise TypeError(
+            f"{type(module).__name__}.configure_optimizers returned a {type(optimizer).__name__}: return an optimizer "
+            "of the SAM family, e.g. samkit.SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)"
+        )
+    if type(optimizer).selects_examples:
+        raise TypeError(
+            f"{type(optimizer).__name__} runs its passes on examples it selects by their losses, which "
+            "training_loss(batch) cannot express: use samkit.sam_step with a per-example loss in your own loop"
+        )
+    return optimizer
+
+
+class _Step:
+    """One optimizer step of a SAMLightningModule over a window of batches (see the module docstring)."""
+
+    def __init__(self, module: SAMLightningModule) -> None:
+        trainer = module.trainer
+        if module.automatic_optimization:
+            raise RuntimeError(
+                f"{type(module).__name__} has automatic_optimization=True: SAMLightningModule runs its own step under "
+                "manual optimization; do not set automatic_optimization"
+            )
+        strategy = trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise TypeError(
+                f"SAMLightningModule supports one device or the DDP strategies (strategy='ddp', 'ddp_spawn', ...), "
+                f"got {type(strategy).__name__}"
+            )
+        self.module = module
+        self.trainer = trainer
+        self.strategy = strategy
+        self.optimizer = _sam_optimizer(module)
+        self.lightning_optimizer = module.optimizers()
+        self.distributed = isinstance(strategy, DDPStrategy) and trainer.world_size > 1
+        self.params = [t for group in self.optimizer.param_groups for t in group["params"]]
+        self.trainable = [t for t in self.params if t.requires_grad]
+        if not self.trainable:
+            raise ValueError("the optimizer has no parameter that requires grad: nothing to train")
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.precision = Precision(scaler, None, self.trainable[0].device.type)
+        if module.sam_step_schedulers:
+            plateau = [c for c in trainer.lr_scheduler_configs if isinstance(c.scheduler, _PLATEAU)]
+            if plateau:
+                raise TypeError(
+                    "ReduceLROnPlateau steps with a metric SAMLightningModule does not have: build the module with "
+                    "step_schedulers=False and call scheduler.step(metric) yourself (e.g. in on_validation_epoch_end)"
+                )
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def run(self, batches: list) -> Tensor:
+        optimizer = self.optimizer
+        optimizer.train()  # Momentum-SAM: from w to its evaluation point (a no-op for the others)
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            loss, finite = self._gradients(batches, 1.0 / len(batches))
+        except BaseException:
+            optimizer.cancel_step()  # never leave the weights at w + ε̂
+            raise
+        self.lightning_optimizer._on_before_step()  # what LightningOptimizer.step does: global_step counts this step
+        try:
+            self._finish(finite)
+        finally:
+            self.lightning_optimizer._on_after_step()
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.eval()  # Momentum-SAM: back to w for validation and checkpoints
+        return loss
+
+    def step_schedulers(self, interval: str) -> None:
+        index = self.trainer.global_step if interval == "step" else self.trainer.current_epoch + 1
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval == interval and config.frequency and index % config.frequency == 0:
+                self.module.lr_scheduler_step(config.scheduler, None)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the passes
+
+    def _backward(self, loss: Tensor, *, sync: bool) -> None:
+        context = self.strategy.block_backward_sync() if self.distributed and not sync else contextlib.nullcontext()
+        with context:
+            self.module.manual_backward(loss)
+
+    def _loss(self, batch: Any) -> Tensor:
+        loss = self.module.training_loss(batch)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"{type(self.module).__name__}.training_loss must return the mean loss over the batch as a scalar "
+                f"tensor, got {shape}"
+            )
+        return loss
+
+    def _clean(self, batch: Any, weight: float, *, sync: bool) -> Tensor:
+        loss = self._loss(batch)
+        self._backward(loss * weight, sync=sync)
+        return loss.detach().float()
+
+    def _perturbed(self, batch: Any, weight: float, *, sync: bool) -> None:
+        with frozen_running_stats(self.module):  # the pass at w + ε̂ leaves BatchNorm statistics alone
+            self._backward(self._loss(batch) * weight, sync=sync)
+
+    def _clean_alone(self, batch: Any) -> tuple[Tensor, list]:
+        """One batch's clean loss and gradient (scaled), with whatever .grad held before put back."""
+        held = self._take_grads()
+        loss = self._clean(batch, 1.0, sync=False)
+        grads = self._take_grads()
+        for t, g in zip(self.params, held):
+            t.grad = g
+        return loss, grads
+
+    def _take_grads(self) -> list:
+        grads = [t.grad for t in self.params]
+        for t in self.params:
+            t.grad = None
+        return grads
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the step's shapes (as in samkit.step.loop)
+
+    def _gradients(self, batches: list, weight: float) -> tuple[Tensor, bool]:
+        """Leave the descent gradient (scaled) in .grad; return the mean clean loss and whether it is finite."""
+        optimizer, last = self.optimizer, len(batches) - 1
+        plan = optimizer.will_perturb
+        if plan is None:
+            return self._decided_from_gradient(batches, weight)
+        if not plan:  # a one-pass step: the clean gradient is the descent gradient (DDP: all-reduced on the last)
+            total = sum(self._clean(b, weight, sync=j == last) for j, b in enumerate(batches))
+            optimizer.first_step()
+            return total, self._finite([t.grad for t in self.trainable])
+        if self.module.sam_perturbation == "shared" or len(batches) == 1:
+            total = sum(self._clean(b, weight, sync=False) for b in batches)
+            grads = [t.grad for t in self.params]
+            self.precision.unscale_(grads)
+            if not self._finite(grads):
+                return total, False
+            optimizer.first_step(zero_grad=True, grads=grads)
+            for j, b in enumerate(batches):
+                self._perturbed(b, weight, sync=j == last)
+            optimizer.restore()
+            return total, True
+        total = 0.0
+        for j, b in enumerate(batches):
+            loss, grads = self._clean_alone(b)
+            total = total + loss * weight
+            self.precision.unscale_(grads)
+            if not self._finite(grads):
+                optimizer.cancel_step()
+                return total, False
+            optimizer.first_step(grads=grads, weight=weight)
+            del grads
+            self._perturbed(b, weight, sync=j == last)
+            optimizer.restore()
+        return total, True
+
+    def _decided_from_gradient(self, batches: list, weight: float) -> tuple[Tensor, bool]:
+        """A rule that reads the clean gradient (AE-SAM): every clean pass, the decision on the window's gradient
+        (averaged over DDP replicas, so that all of them decide alike), then the ascents."""
+        optimizer, last = self.optimizer, len(batches) - 1
+        separate = self.module.sam_perturbation == "per_micro_batch" and len(batches) > 1
+        if separate:
+            total, parts = 0.0, []
+            for b in batches:
+                loss, grads = self._clean_alone(b)
+                total = total + loss * weight
+                parts.append(grads)
+            summed = [None if gs[0] is None else sum(g * weight for g in gs) for gs in zip(*parts)]
+        else:
+            total = sum(self._clean(b, weight, sync=False) for b in batches)
+            summed = [t.grad for t in self.params]
+        whole = replica_mean(summed) if self.distributed else summed
+        decision = self.precision.unscaled(whole)
+        if not self._finite(decision):
+            return total, False
+        if not optimizer.decide(decision):
+            for t, g in zip(self.params, whole):  # a one-pass step: the window's (scaled) gradient, replica mean
+                t.grad = g
+            return total, True
+        if not separate:
+            grads = [t.grad for t in self.params]
+            self.precision.unscale_(grads)
+            optimizer.first_step(zero_grad=True, grads=grads)
+            for j, b in enumerate(batches):
+                self._perturbed(b, weight, sync=j == last)
+            optimizer.restore()
+            return total, True
+        self._take_grads()
+        for j, (b, grads) in enumerate(zip(batches, parts)):
+            self.precision.unscale_(grads)
+            optimizer.first_step(grads=grads, weight=weight)
+            self._perturbed(b, weight, sync=j == last)
+            optimizer.restore()
+        return total, True
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the base step
+
+    def _finish(self, finite: bool) -> None:
+        optimizer, scaler = self.optimizer, self.precision.scaler
+        if not finite:
+            skip_step(optimizer, self.precision, self.trainable, unscaled=False)
+            return
+        if scaler is not None:
+            scaler.unscale_(optimizer.base_optimizer)
+            if not self._finite([t.grad for t in self.trainable]):  # an overflow in the perturbed pass
+                skip_step(optimizer, self.precision, self.trainable, unscaled=True)
+                return
+        if self.distributed and optimizer.clean_gradient is not None:
+            _average_over_replicas(optimizer.clean_gradient)  # GSAM, LookSAM, F-SAM: every replica's state agrees
+        for callback in self.trainer.callbacks:
+            callback.on_before_optimizer_step(self.trainer, self.module, optimizer)
+        self.module.on_before_optimizer_step(optimizer)
+        optimizer.second_step(scaler=scaler, max_grad_norm=self.module.sam_max_grad_norm)
+        if scaler is not None:
+            scaler.update()
+
+    def _finite(self, grads: list) -> bool:
+        """Whether every gradient is finite (agreed over DDP replicas under a GradScaler, so that all skip alike)."""
+        present = [g for g in grads if g is not None]
+        finite = torch.ones((), dtype=torch.bool, device=self.trainable[0].device)
+        if present:
+            finite = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(present)])).all()
+        if self.precision.scaler is None:
+            if not bool(finite):
+                raise FloatingPointError(
+                    "a gradient is inf or NaN in the SAM step: SAM will not write non-finite values into the weights. "
+                    "Lower the learning rate, or train under precision='16-mixed', whose GradScaler skips such steps"
+                )
+            return True
+        if self.distributed:
+            flag = (~finite).to(torch.float32).reshape(1)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            finite = flag[0] == 0
+        return bool(finite)
+
+
+def _average_over_replicas(tensors: list) -> None:
+    present = [t for t in tensors if t is not None]
+    for t in present:
+        torch.distributed.all_reduce(t)
+    if present:
+        torch._foreach_div_(present, torch.distributed.get_world_size())
+
+
+_PLATEAU = torch.optim.lr_scheduler.ReduceLROnPlateau
