@@ -45,11 +45,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.apply_func import move_data_to_device
+from pytorch_lightning.core.optimizer import LightningOptimizer
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 
@@ -211,7 +212,7 @@ class _Step:
         self.trainer = trainer
         self.strategy = strategy
         self.optimizer = _sam_optimizer(module)
-        self.lightning_optimizer = module.optimizers()
+        self.lightning_optimizer = cast(LightningOptimizer, module.optimizers())
         self.distributed = isinstance(strategy, DDPStrategy) and trainer.world_size > 1
         self.params = [t for group in self.optimizer.param_groups for t in group["params"]]
         self.trainable = [t for t in self.params if t.requires_grad]
@@ -257,7 +258,11 @@ class _Step:
     # the passes
 
     def _backward(self, loss: Tensor, *, sync: bool) -> None:
-        context = self.strategy.block_backward_sync() if self.distributed and not sync else contextlib.nullcontext()
+        context: contextlib.AbstractContextManager
+        if self.distributed and not sync:
+            context = cast(DDPStrategy, self.strategy).block_backward_sync()
+        else:
+            context = contextlib.nullcontext()
         with context:
             self.module.manual_backward(loss)
 
@@ -274,7 +279,18 @@ class _Step:
     def _clean(self, batch: Any, weight: float, *, sync: bool) -> Tensor:
         loss = self._loss(batch)
         self._backward(loss * weight, sync=sync)
-        return loss.detach().float()
+        loss = loss.detach()
+        return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
+
+    def _clean_passes(self, batches: list, weight: float, *, sync_last: bool) -> Tensor:
+        """The clean passes accumulate the window's (weighted, scaled) gradient in .grad; return the mean loss."""
+        total = self._zero()
+        for j, b in enumerate(batches):
+            total = total + self._clean(b, weight, sync=sync_last and j == len(batches) - 1) * weight
+        return total
+
+    def _zero(self) -> Tensor:
+        return torch.zeros((), device=self.trainable[0].device)
 
     def _perturbed(self, batch: Any, weight: float, *, sync: bool) -> None:
         with frozen_running_stats(self.module):  # the pass at w + ε̂ leaves BatchNorm statistics alone
@@ -305,11 +321,11 @@ class _Step:
         if plan is None:
             return self._decided_from_gradient(batches, weight)
         if not plan:  # a one-pass step: the clean gradient is the descent gradient (DDP: all-reduced on the last)
-            total = sum(self._clean(b, weight, sync=j == last) for j, b in enumerate(batches))
+            total = self._clean_passes(batches, weight, sync_last=True)
             optimizer.first_step()
             return total, self._finite([t.grad for t in self.trainable])
         if self.module.sam_perturbation == "shared" or len(batches) == 1:
-            total = sum(self._clean(b, weight, sync=False) for b in batches)
+            total = self._clean_passes(batches, weight, sync_last=False)
             grads = [t.grad for t in self.params]
             self.precision.unscale_(grads)
             if not self._finite(grads):
@@ -319,7 +335,7 @@ class _Step:
                 self._perturbed(b, weight, sync=j == last)
             optimizer.restore()
             return total, True
-        total = 0.0
+        total = self._zero()
         for j, b in enumerate(batches):
             loss, grads = self._clean_alone(b)
             total = total + loss * weight
@@ -339,14 +355,14 @@ class _Step:
         optimizer, last = self.optimizer, len(batches) - 1
         separate = self.module.sam_perturbation == "per_micro_batch" and len(batches) > 1
         if separate:
-            total, parts = 0.0, []
+            total, parts = self._zero(), []
             for b in batches:
                 loss, grads = self._clean_alone(b)
                 total = total + loss * weight
                 parts.append(grads)
-            summed = [None if gs[0] is None else sum(g * weight for g in gs) for gs in zip(*parts)]
+            summed = [None if gs[0] is None else _weighted_sum(gs, weight) for gs in zip(*parts)]
         else:
-            total = sum(self._clean(b, weight, sync=False) for b in batches)
+            total = self._clean_passes(batches, weight, sync_last=False)
             summed = [t.grad for t in self.params]
         whole = replica_mean(summed) if self.distributed else summed
         decision = self.precision.unscaled(whole)
@@ -387,7 +403,7 @@ class _Step:
                 return
         if self.distributed and optimizer.clean_gradient is not None:
             _average_over_replicas(optimizer.clean_gradient)  # GSAM, LookSAM, F-SAM: every replica's state agrees
-        for callback in self.trainer.callbacks:
+        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
             callback.on_before_optimizer_step(self.trainer, self.module, optimizer)
         self.module.on_before_optimizer_step(optimizer)
         optimizer.second_step(scaler=scaler, max_grad_norm=self.module.sam_max_grad_norm)
@@ -412,6 +428,13 @@ class _Step:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             finite = flag[0] == 0
         return bool(finite)
+
+
+def _weighted_sum(tensors: tuple, weight: float) -> Tensor:
+    total = tensors[0] * weight
+    for t in tensors[1:]:
+        total = total + t * weight
+    return total
 
 
 def _average_over_replicas(tensors: list) -> None:

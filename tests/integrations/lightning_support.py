@@ -54,11 +54,18 @@ class Classifier(SAMLightningModule):
         self.net = net(batch_norm, dtype)
         self.make_optimizer, self.make_scheduler = make_optimizer, make_scheduler
         self.clean_passes = 0
+        self.step_losses = []  # what training_step returned on each optimizer step
 
     def training_loss(self, batch):
         x, y = batch
         self.clean_passes += int(not self.sam_optimizer.perturbed)
         return F.cross_entropy(self.net(x), y)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if loss is not None:
+            self.step_losses.append(loss)
+        return loss
 
     def configure_optimizers(self):
         optimizer = self.make_optimizer(self.parameters())
@@ -92,10 +99,12 @@ def reference(
     make_scheduler: Optional[Callable] = None,
     batch_norm: bool = False,
     dtype=torch.float64,
+    losses: Optional[list] = None,
     **step_options,
 ):
     """``steps`` optimizer steps of ``sam_step`` with ``micro_batches`` = the batches of each window (k, fewer at
-    an epoch's end), on the batches the module sees; returns (model, optimizer, scheduler)."""
+    an epoch's end), on the batches the module sees; returns (model, optimizer, scheduler) and appends the losses
+    sam_step returned to ``losses``."""
     x, y = data(dtype)
     model = net(batch_norm, dtype)
     optimizer = make_optimizer(model.parameters())
@@ -105,7 +114,9 @@ def reference(
     for step in range(steps):
         start, n = windows[step % len(windows)]
         part = slice(start * BATCH, (start + n) * BATCH)
-        sam_step(optimizer, model, F.cross_entropy, x[part], y[part], micro_batches=n, **step_options)
+        loss = sam_step(optimizer, model, F.cross_entropy, x[part], y[part], micro_batches=n, **step_options)
+        if losses is not None:
+            losses.append(loss)
         if scheduler is not None:
             scheduler.step()
     return model, optimizer, scheduler

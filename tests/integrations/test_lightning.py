@@ -53,14 +53,17 @@ CASES = {
 @pytest.mark.parametrize("name", CASES)
 def test_steps_equal_sam_step_on_the_windows_batches(name):
     """Each optimizer step equals sam_step with micro_batches = the window's batches, bit for bit: the same clean
-    and perturbed passes, BatchNorm statistics from the clean passes only, the scheduler once per step."""
+    and perturbed passes, BatchNorm statistics from the clean passes only, the scheduler once per step; the step
+    returns the window's mean clean loss, as sam_step does."""
     k, mode, make = CASES[name]
     module = Classifier(make, step_lr, batch_norm=True, accumulate_grad_batches=k, perturbation=mode)
     t = fit(module, max_steps=STEPS)
+    losses = []
     model, optimizer, scheduler = reference(
-        STEPS, k, make_optimizer=make, make_scheduler=step_lr, batch_norm=True, perturbation=mode
+        STEPS, k, make_optimizer=make, make_scheduler=step_lr, batch_norm=True, perturbation=mode, losses=losses
     )
     assert torch.equal(flat(module.net), flat(model))
+    assert torch.equal(torch.stack(module.step_losses), torch.stack(losses))
     assert t.global_step == module.sam_optimizer.steps == optimizer.steps == STEPS
     assert module.sam_optimizer.sam_steps == optimizer.sam_steps
     assert module.lr_schedulers().last_epoch == scheduler.last_epoch == STEPS
