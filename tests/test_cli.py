@@ -19,7 +19,7 @@ def run_dir(tmp_path_factory):
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--model", "vit"], "unknown model 'vit'; valid: mlp, cnn, cnn-bn"),
+        (["--model", "vit"], "unknown model 'vit'; valid: mlp, mlp-bn, cnn, cnn-bn"),
         (["--data", "cifar"], "unknown data 'cifar'; valid: digits, fashion-mnist, synthetic"),
         (["--optimizer", "sgd", "--micro-batches", "4"], "micro_batches=4 only applies to msam"),
         (["--optimizer", "sam", "--rho", "0.01,0.05"], "--rho takes one value in `samkit train`"),

@@ -133,7 +133,7 @@ def test_mixed_precision_trains_on_cpu(tmp_path, amp):
 
 
 def test_bad_names_and_sizes_are_refused_before_training(tmp_path):
-    with pytest.raises(ValueError, match="unknown model 'vit'; valid: mlp, cnn"):
+    with pytest.raises(ValueError, match="unknown model 'vit'; valid: mlp, mlp-bn, cnn"):
         train(TINY.replace(model="vit"), tmp_path / "x", device="cpu")
     with pytest.raises(ValueError, match=r"unknown model 'wrn-15-2' \(WRN depth must be 6n \+ 4.*got 15\); valid: mlp"):
         train(TINY.replace(model="wrn-15-2"), tmp_path / "x", device="cpu")
