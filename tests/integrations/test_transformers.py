@@ -373,3 +373,78 @@ def test_the_family_list_covers_the_package():
     selecting = {cls for cls in exported if cls.selects_examples}
     assert exported - covered - selecting == set()
     assert N % BATCH == 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# fp16's GradScaler. accelerate has no fp16 on CPU (fp16=True runs float32 there without a scaler), so these tests put a
+# CPU GradScaler into the Trainer's accelerator by hand: the scaling, unscaling and overflow skips are the ones fp16
+# runs on a GPU, without fp16 autocast.
+
+
+class _Scaled(SAMTrainer):
+    def __init__(self, *args, scaler, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.accelerator.scaler = scaler
+
+
+def _growing_scaler(init_scale=2.0**8):
+    """A scale that doubles after every step, so that a gradient left scaled anywhere changes the result."""
+    return torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1)
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_micro_batch"])
+def test_grad_scaler_scales_and_unscales_like_sam_step(mode, tmp_path):
+    """GSAM's descent mixes g and g_s: both must be unscaled; the clip sees the unscaled descent gradient."""
+
+    def make(net):
+        return sgd_sam(net, GSAM, alpha=0.5)
+
+    scaler = _growing_scaler()
+    options = {"scaler": scaler, "perturbation": mode}
+    trainer = train(
+        "net", tmp_path, make, trainer_class=_Scaled, trainer_options=options, dtype=torch.float32,
+        gradient_accumulation_steps=2, max_steps=3, max_grad_norm=0.5,
+    )  # fmt: skip
+    reference_scaler = _growing_scaler()
+    net, optimizer = reference(
+        "net", 3, 2, make=make, dtype=torch.float32, scaler=reference_scaler, perturbation=mode, max_grad_norm=0.5
+    )
+    assert torch.equal(flat(trainer.model), flat(net))
+    assert trainer.sam_optimizer.steps == optimizer.steps == 3
+    assert scaler.get_scale() == reference_scaler.get_scale() == 2.0**11
+
+
+class _Overflowing(Net):
+    """Its loss is inf in the clean pass or in the perturbed pass of every step."""
+
+    def __init__(self, where: str):
+        super().__init__(dtype=torch.float32)
+        self.where, self.sam = where, None
+
+    def forward(self, x, labels):
+        loss = super().forward(x, labels)["loss"]
+        perturbed = self.sam is not None and self.sam.perturbed
+        return {"loss": loss * math.inf if perturbed == (self.where == "perturbed") else loss}
+
+
+@pytest.mark.parametrize("where", ["clean", "perturbed"])
+def test_an_overflow_skips_the_step_and_the_scheduler(where, tmp_path):
+    """Weights untouched, SAM counts no step and sits at w, the scale backs off once a step, the scheduler does not
+    step; the Trainer counts the step (as it does for any skipped fp16 step)."""
+    net = _Overflowing(where)
+
+    def make(module):
+        module.sam = sgd_sam(module)
+        return module.sam
+
+    before = flat(net)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    trainer = train(
+        "net", tmp_path, make, net=net, trainer_class=_Scaled, trainer_options={"scaler": scaler},
+        dtype=torch.float32, max_steps=3, lr_scheduler_type="linear",
+    )  # fmt: skip
+    assert torch.equal(flat(trainer.model), before)
+    assert trainer.sam_optimizer.steps == 0 and trainer.state.global_step == 3
+    assert not trainer.sam_optimizer.perturbed and not trainer.sam_optimizer._step.decided
+    assert scaler.get_scale() == 2.0**7
+    assert trainer.lr_scheduler.last_epoch == 0
