@@ -27,8 +27,9 @@ Between steps the weights sit at w for every optimizer of the family (Momentum-S
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor
@@ -123,7 +124,7 @@ class SAMTrainer(Trainer):
     def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer (built from TrainingArguments) wrapped in ``sam_class``, or the SAM passed in."""
         if isinstance(_unwrapped(self.optimizer), _SAMStep):
-            return self.optimizer  # a second train(): already built
+            return cast(torch.optim.Optimizer, self.optimizer)  # a second train(): already built
         optimizer = super().create_optimizer(model)
         if not isinstance(optimizer, SAM):
             check_base_optimizer(optimizer)
@@ -244,17 +245,18 @@ class _SAMStep(torch.optim.Optimizer):
     descent gradient clipped to ``max_grad_norm``, the base step). Under fp16 accelerate's GradScaler unscales the
     gradients before calling it and skips it on an overflow."""
 
-    def __init__(self, sam: SAM, max_grad_norm: Optional[float]) -> None:  # noqa: D107 (no Optimizer.__init__: no groups of its own)
+    def __init__(self, sam: SAM, max_grad_norm: Optional[float]) -> None:
         self.sam = sam
         self.max_grad_norm = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else None
-        self._optimizer_step_pre_hooks: dict = {}
-        self._optimizer_step_post_hooks: dict = {}
-        self._optimizer_state_dict_pre_hooks: dict = {}
-        self._optimizer_state_dict_post_hooks: dict = {}
-        self._optimizer_load_state_dict_pre_hooks: dict = {}
-        self._optimizer_load_state_dict_post_hooks: dict = {}
+        # what torch.optim.Optimizer.__init__ would set (this wrapper has no groups of its own to give it)
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
 
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list:
         return self.sam.param_groups
 
@@ -262,7 +264,7 @@ class _SAMStep(torch.optim.Optimizer):
     def param_groups(self, groups: list) -> None:
         self.sam.param_groups = groups
 
-    @property  # type: ignore[override]
+    @property
     def state(self) -> Any:
         return self.sam.state
 
@@ -270,7 +272,7 @@ class _SAMStep(torch.optim.Optimizer):
     def state(self, state: Any) -> None:
         self.sam.state = state
 
-    @property  # type: ignore[override]
+    @property
     def defaults(self) -> dict:
         return self.sam.defaults
 
@@ -292,10 +294,10 @@ class _SAMStep(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.sam.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> dict:  # type: ignore[override]
+    def state_dict(self) -> dict:
         return self.sam.state_dict()
 
-    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict) -> None:
         self.sam.load_state_dict(state_dict)
 
     def add_param_group(self, param_group: dict) -> None:
