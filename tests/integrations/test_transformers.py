@@ -140,14 +140,22 @@ def test_the_plain_trainer_cannot_step_a_sam(tmp_path):
         trainer.train()
 
 
-def test_optimizer_built_from_training_arguments(tmp_path):
+BUILT = {
+    "gsam": (GSAM, {"rho": 0.2, "alpha": 0.3}),
+    "looksam": (LookSAM, {"rho": 0.2, "k": 2}),
+    "aesam": (AESAM, {"rho": 0.2, "total_steps": 3}),
+}
+
+
+@pytest.mark.parametrize("name", BUILT)
+def test_optimizer_built_from_training_arguments(name, tmp_path):
     """optim, learning_rate and weight_decay (the Trainer's two groups) build the base optimizer; sam_class and
     sam_kwargs wrap it; the steps equal sam_step with the same optimizer built by hand."""
+    cls, kwargs = BUILT[name]
     options = dict(optim="adamw_torch", learning_rate=0.01, weight_decay=0.1, max_steps=3)
-    kwargs = {"rho": 0.2, "alpha": 0.3}
-    trainer = train("bert", tmp_path, None, trainer_options={"sam_class": GSAM, "sam_kwargs": kwargs}, **options)
+    trainer = train("bert", tmp_path, None, trainer_options={"sam_class": cls, "sam_kwargs": kwargs}, **options)
     sam = trainer.sam_optimizer
-    assert type(sam) is GSAM and type(sam.base_optimizer) is torch.optim.AdamW
+    assert type(sam) is cls and type(sam.base_optimizer) is torch.optim.AdamW
     assert [g["weight_decay"] for g in sam.param_groups] == [0.1, 0.0]
     assert [g["rho"] for g in sam.param_groups] == [0.2, 0.2]
     decay = trainer.get_decay_parameter_names(trainer.model)
@@ -159,11 +167,11 @@ def test_optimizer_built_from_training_arguments(tmp_path):
             {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
         ]
         base = torch.optim.AdamW(groups, lr=0.01, betas=(0.9, 0.999), eps=1e-8)
-        return GSAM([{"params": g["params"]} for g in groups], base, **kwargs)
+        return cls([{"params": g["params"]} for g in groups], base, **kwargs)
 
     net, optimizer = reference("bert", 3, make=by_hand)
     assert torch.equal(flat(trainer.model), flat(net))
-    assert sam.sam_steps == optimizer.sam_steps == 3
+    assert sam.steps == optimizer.steps == 3 and sam.sam_steps == optimizer.sam_steps
 
 
 def test_bf16_equals_sam_step_under_bf16_autocast(tmp_path):
