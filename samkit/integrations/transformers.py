@@ -144,7 +144,7 @@ class SAMTrainer(Trainer):
         """Collect the batch; on the window's last batch run the SAM passes and return the window's mean clean loss
         (zero on the other batches, so the Trainer's sum over the window is that mean)."""
         self._sam_pending.append(inputs)
-        if len(self._sam_pending) < self.current_gradient_accumulation_steps:
+        if len(self._sam_pending) < getattr(self, "current_gradient_accumulation_steps", 1):
             return torch.zeros((), device=self.args.device)
         batches, self._sam_pending = self._sam_pending, []
         model.train()

@@ -18,6 +18,7 @@ from samkit import (  # noqa: E402
     AESAM,
     ESAM,
     GSAM,
+    SAM,
     FriendlySAM,
     LateSAM,
     LookSAM,
@@ -172,6 +173,16 @@ def test_optimizer_built_from_training_arguments(name, tmp_path):
     net, optimizer = reference("bert", 3, make=by_hand)
     assert torch.equal(flat(trainer.model), flat(net))
     assert sam.steps == optimizer.steps == 3 and sam.sam_steps == optimizer.sam_steps
+
+
+def test_a_plain_optimizer_passed_in_is_wrapped_in_sam_class(tmp_path):
+    def plain(net):
+        return torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+
+    trainer = train("net", tmp_path, plain, trainer_options={"sam_kwargs": {"rho": 0.1}}, max_steps=STEPS)
+    assert type(trainer.sam_optimizer) is SAM and type(trainer.sam_optimizer.base_optimizer) is torch.optim.SGD
+    net, _ = reference("net", STEPS)
+    assert torch.equal(flat(trainer.model), flat(net))
 
 
 def test_bf16_equals_sam_step_under_bf16_autocast(tmp_path):
