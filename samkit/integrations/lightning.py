@@ -54,11 +54,10 @@ from pytorch_lightning.core.optimizer import LightningOptimizer
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 
-from samkit.batchnorm import frozen_running_stats
+from samkit.integrations.window import PERTURBATIONS, WindowStep, average_over_replicas
 from samkit.optim.sam import SAM
-from samkit.step.common import Precision, replica_mean, skip_step
+from samkit.step.common import skip_step
 
-PERTURBATIONS = ("shared", "per_micro_batch")
 PENDING_BATCHES_KEY = "samkit_pending_batches"  # the checkpoint entry that holds a window's pending batches
 
 
@@ -192,7 +191,7 @@ def _sam_optimizer(module: pl.LightningModule) -> SAM:
     return optimizer
 
 
-class _Step:
+class _Step(WindowStep):
     """One optimizer step of a SAMLightningModule over a window of batches (see the module docstring)."""
 
     def __init__(self, module: SAMLightningModule) -> None:
@@ -211,15 +210,10 @@ class _Step:
         self.module = module
         self.trainer = trainer
         self.strategy = strategy
-        self.optimizer = _sam_optimizer(module)
         self.lightning_optimizer = cast(LightningOptimizer, module.optimizers())
         self.distributed = isinstance(strategy, DDPStrategy) and trainer.world_size > 1
-        self.params = [t for group in self.optimizer.param_groups for t in group["params"]]
-        self.trainable = [t for t in self.params if t.requires_grad]
-        if not self.trainable:
-            raise ValueError("the optimizer has no parameter that requires grad: nothing to train")
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self.precision = Precision(scaler, None, self.trainable[0].device.type)
+        self.perturbation = module.sam_perturbation
+        self.setup(_sam_optimizer(module), module, getattr(trainer.precision_plugin, "scaler", None))
         if module.sam_step_schedulers:
             plateau = [c for c in trainer.lr_scheduler_configs if isinstance(c.scheduler, _PLATEAU)]
             if plateau:
@@ -235,7 +229,7 @@ class _Step:
         optimizer.train()  # Momentum-SAM: from w to its evaluation point (a no-op for the others)
         optimizer.zero_grad(set_to_none=True)
         try:
-            loss, finite = self._gradients(batches, 1.0 / len(batches))
+            loss, finite = self.gradients(batches, [1.0 / len(batches)] * len(batches))
         except BaseException:
             optimizer.cancel_step()  # never leave the weights at w + ε̂
             raise
@@ -255,7 +249,7 @@ class _Step:
                 self.module.lr_scheduler_step(config.scheduler, None)
 
     # ----------------------------------------------------------------------------------------------------------
-    # the passes
+    # what WindowStep asks of a framework
 
     def _backward(self, loss: Tensor, *, sync: bool) -> None:
         context: contextlib.AbstractContextManager
@@ -276,117 +270,11 @@ class _Step:
             )
         return loss
 
-    def _clean(self, batch: Any, weight: float, *, sync: bool) -> Tensor:
-        loss = self._loss(batch)
-        self._backward(loss * weight, sync=sync)
-        loss = loss.detach()
-        return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
-
-    def _clean_passes(self, batches: list, weight: float, *, sync_last: bool) -> Tensor:
-        """The clean passes accumulate the window's (weighted, scaled) gradient in .grad; return the mean loss."""
-        total = self._zero()
-        for j, b in enumerate(batches):
-            total = total + self._clean(b, weight, sync=sync_last and j == len(batches) - 1) * weight
-        return total
-
-    def _zero(self) -> Tensor:
-        return torch.zeros((), device=self.trainable[0].device)
-
-    def _perturbed(self, batch: Any, weight: float, *, sync: bool) -> None:
-        with frozen_running_stats(self.module):  # the pass at w + ε̂ leaves BatchNorm statistics alone
-            self._backward(self._loss(batch) * weight, sync=sync)
-
-    def _clean_alone(self, batch: Any) -> tuple[Tensor, list]:
-        """One batch's clean loss and gradient (scaled), with whatever .grad held before put back."""
-        held = self._take_grads()
-        loss = self._clean(batch, 1.0, sync=False)
-        grads = self._take_grads()
-        for t, g in zip(self.params, held):
-            t.grad = g
-        return loss, grads
-
-    def _take_grads(self) -> list:
-        grads = [t.grad for t in self.params]
-        for t in self.params:
-            t.grad = None
-        return grads
-
-    # ----------------------------------------------------------------------------------------------------------
-    # the step's shapes (as in samkit.step.loop)
-
-    def _gradients(self, batches: list, weight: float) -> tuple[Tensor, bool]:
-        """Leave the descent gradient (scaled) in .grad; return the mean clean loss and whether it is finite."""
-        optimizer, last = self.optimizer, len(batches) - 1
-        plan = optimizer.will_perturb
-        if plan is None:
-            return self._decided_from_gradient(batches, weight)
-        if not plan:  # a one-pass step: the clean gradient is the descent gradient (DDP: all-reduced on the last)
-            total = self._clean_passes(batches, weight, sync_last=True)
-            optimizer.first_step()
-            return total, self._finite([t.grad for t in self.trainable])
-        if self.module.sam_perturbation == "shared" or len(batches) == 1:
-            total = self._clean_passes(batches, weight, sync_last=False)
-            grads = [t.grad for t in self.params]
-            self.precision.unscale_(grads)
-            if not self._finite(grads):
-                return total, False
-            optimizer.first_step(zero_grad=True, grads=grads)
-            for j, b in enumerate(batches):
-                self._perturbed(b, weight, sync=j == last)
-            optimizer.restore()
-            return total, True
-        total = self._zero()
-        for j, b in enumerate(batches):
-            loss, grads = self._clean_alone(b)
-            total = total + loss * weight
-            self.precision.unscale_(grads)
-            if not self._finite(grads):
-                optimizer.cancel_step()
-                return total, False
-            optimizer.first_step(grads=grads, weight=weight)
-            del grads
-            self._perturbed(b, weight, sync=j == last)
-            optimizer.restore()
-        return total, True
-
-    def _decided_from_gradient(self, batches: list, weight: float) -> tuple[Tensor, bool]:
-        """A rule that reads the clean gradient (AE-SAM): every clean pass, the decision on the window's gradient
-        (averaged over DDP replicas, so that all of them decide alike), then the ascents."""
-        optimizer, last = self.optimizer, len(batches) - 1
-        separate = self.module.sam_perturbation == "per_micro_batch" and len(batches) > 1
-        if separate:
-            total, parts = self._zero(), []
-            for b in batches:
-                loss, grads = self._clean_alone(b)
-                total = total + loss * weight
-                parts.append(grads)
-            summed = [None if gs[0] is None else _weighted_sum(gs, weight) for gs in zip(*parts)]
-        else:
-            total = self._clean_passes(batches, weight, sync_last=False)
-            summed = [t.grad for t in self.params]
-        whole = replica_mean(summed) if self.distributed else summed
-        decision = self.precision.unscaled(whole)
-        if not self._finite(decision):
-            return total, False
-        if not optimizer.decide(decision):
-            for t, g in zip(self.params, whole):  # a one-pass step: the window's (scaled) gradient, replica mean
-                t.grad = g
-            return total, True
-        if not separate:
-            grads = [t.grad for t in self.params]
-            self.precision.unscale_(grads)
-            optimizer.first_step(zero_grad=True, grads=grads)
-            for j, b in enumerate(batches):
-                self._perturbed(b, weight, sync=j == last)
-            optimizer.restore()
-            return total, True
-        self._take_grads()
-        for j, (b, grads) in enumerate(zip(batches, parts)):
-            self.precision.unscale_(grads)
-            optimizer.first_step(grads=grads, weight=weight)
-            self._perturbed(b, weight, sync=j == last)
-            optimizer.restore()
-        return total, True
+    def non_finite_message(self) -> str:
+        return (
+            "a gradient is inf or NaN in the SAM step: SAM will not write non-finite values into the weights. "
+            "Lower the learning rate, or train under precision='16-mixed', whose GradScaler skips such steps"
+        )
 
     # ----------------------------------------------------------------------------------------------------------
     # the base step
@@ -402,47 +290,13 @@ class _Step:
                 skip_step(optimizer, self.precision, self.trainable, unscaled=True)
                 return
         if self.distributed and optimizer.clean_gradient is not None:
-            _average_over_replicas(optimizer.clean_gradient)  # GSAM, LookSAM, F-SAM: every replica's state agrees
+            average_over_replicas(optimizer.clean_gradient)  # GSAM, LookSAM, F-SAM: every replica's state agrees
         for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
             callback.on_before_optimizer_step(self.trainer, self.module, optimizer)
         self.module.on_before_optimizer_step(optimizer)
         optimizer.second_step(scaler=scaler, max_grad_norm=self.module.sam_max_grad_norm)
         if scaler is not None:
             scaler.update()
-
-    def _finite(self, grads: list) -> bool:
-        """Whether every gradient is finite (agreed over DDP replicas under a GradScaler, so that all skip alike)."""
-        present = [g for g in grads if g is not None]
-        finite = torch.ones((), dtype=torch.bool, device=self.trainable[0].device)
-        if present:
-            finite = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(present)])).all()
-        if self.precision.scaler is None:
-            if not bool(finite):
-                raise FloatingPointError(
-                    "a gradient is inf or NaN in the SAM step: SAM will not write non-finite values into the weights. "
-                    "Lower the learning rate, or train under precision='16-mixed', whose GradScaler skips such steps"
-                )
-            return True
-        if self.distributed:
-            flag = (~finite).to(torch.float32).reshape(1)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            finite = flag[0] == 0
-        return bool(finite)
-
-
-def _weighted_sum(tensors: tuple, weight: float) -> Tensor:
-    total = tensors[0] * weight
-    for t in tensors[1:]:
-        total = total + t * weight
-    return total
-
-
-def _average_over_replicas(tensors: list) -> None:
-    present = [t for t in tensors if t is not None]
-    for t in present:
-        torch.distributed.all_reduce(t)
-    if present:
-        torch._foreach_div_(present, torch.distributed.get_world_size())
 
 
 _PLATEAU = torch.optim.lr_scheduler.ReduceLROnPlateau
