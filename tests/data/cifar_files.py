@@ -4,6 +4,7 @@ official Python 2 files), never downloaded: a few random 32x32 images per file."
 from __future__ import annotations
 
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,34 @@ def write_cifar100(root: Path, *, n_train: int = 8, n_test: int = 4, seed: int =
                             "coarse_label_names": [f"coarse{k}" for k in range(20)]})
     written["folder"] = folder
     return written
+
+
+def _py2_string(text: bytes) -> bytes:
+    """A Python 2 ``str`` as cPickle wrote it: SHORT_BINSTRING, or BINSTRING when longer than 255 bytes."""
+    if len(text) < 256:
+        return b"U" + bytes([len(text)]) + text
+    return b"T" + struct.pack("<i", len(text)) + text
+
+
+def _py2_int(value: int) -> bytes:
+    if 0 <= value < 256:
+        return b"K" + bytes([value])
+    return b"J" + struct.pack("<i", value)
+
+
+def py2_cifar_pickle(data: np.ndarray, labels: list, label_key: bytes = b"labels") -> bytes:
+    """The bytes Python 2's cPickle (protocol 2, numpy 1.x) writes for a CIFAR batch dict, assembled opcode by
+    opcode: the official files are such pickles, which Python 3 cannot write itself (it has no py2 ``str``)."""
+    assert data.dtype == np.uint8 and data.ndim == 2
+    rows, cols = data.shape
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\nq\x01"  # GLOBAL, BINPUT
+        + b"cnumpy\nndarray\nq\x02" + _py2_int(0) + b"\x85" + _py2_string(b"b") + b"\x87R"  # (ndarray, (0,), 'b')
+        + b"(" + _py2_int(1) + _py2_int(rows) + _py2_int(cols) + b"\x86"  # state: version 1, shape
+        + b"cnumpy\ndtype\n" + _py2_string(b"u1") + _py2_int(0) + _py2_int(1) + b"\x87R"  # dtype('u1', 0, 1)
+        + b"(" + _py2_int(3) + _py2_string(b"|") + b"NNN" + _py2_int(-1) + _py2_int(-1) + _py2_int(0) + b"tb"
+        + b"\x89" + _py2_string(data.tobytes()) + b"tb"  # NEWFALSE (C order), raw data; BUILD
+    )
+    label_list = b"](" + b"".join(_py2_int(int(v)) for v in labels) + b"e"
+    return (b"\x80\x02}(" + _py2_string(b"data") + array + _py2_string(label_key) + label_list
+            + _py2_string(b"batch_label") + _py2_string(b"training batch 1 of 5") + b"u.")

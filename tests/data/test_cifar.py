@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from samkit.data import DatasetNotFoundError, cifar, load_dataset
-from tests.data.cifar_files import write_cifar10, write_cifar100
+from tests.data.cifar_files import py2_cifar_pickle, write_cifar10, write_cifar100
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*a partial or modified copy:UserWarning")
 
@@ -163,3 +163,12 @@ def test_unknown_cifar_name():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match=r"unknown CIFAR dataset 'cifar1000'"):
             cifar.load_cifar_arrays("cifar1000")
+
+
+def test_python2_pickles_like_the_official_files_load(isolated, tmp_path):
+    files = write_cifar10(tmp_path, per_batch=3)
+    data = np.random.default_rng(5).integers(0, 256, size=(3, 3072), dtype=np.uint8)
+    (files["folder"] / "data_batch_1").write_bytes(py2_cifar_pickle(data, [9, 0, 4]))
+    (x_train, y_train, *_), _ = cifar.load_cifar_arrays("cifar10", tmp_path)
+    assert y_train[:3].tolist() == [9, 0, 4]
+    assert float(x_train[1, 2, 3, 4]) == pytest.approx(data[1, 2048 + 3 * 32 + 4] / 255.0, abs=1e-7)
