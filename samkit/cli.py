@@ -1,6 +1,7 @@
 """The ``samkit`` command: parses arguments and calls samkit.experiments, nothing more.
 
     samkit train     --data NAME --model NAME --optimizer NAME [--option NAME=VALUE ...] --epochs N --out DIR
+    samkit train     --recipe NAME [any option above, to override the recipe] --out DIR   (--list-recipes)
     samkit compare   [--optimizers sgd,sam,msam --seeds 3 --rho 0.01,0.05 ...]   (no options: the README's job)
     samkit evaluate  RUN [--corruptions]
     samkit sharpness RUN
@@ -29,6 +30,7 @@ from samkit.experiments.config import (
 )
 from samkit.experiments.distributed import DEVICES, is_main_process
 from samkit.experiments.methods import options_help
+from samkit.experiments.recipes import add_recipe_arguments, build_config, recipe_banner, recipes_epilog
 
 # TrainConfig fields set by the shared training options, with the type each value is parsed to
 _FIELDS: dict[str, Callable[[str], Any]] = {
@@ -100,8 +102,14 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     )
     lr_default = ", ".join(f"{value:g} for {name}-based" for name, value in DEFAULT_LR.items())
     rho_default = ", ".join(f"{value:g} for {name}" for name, value in DEFAULT_RHO.items())
-    group.add_argument("--data", help=_default("data", "dataset: digits, fashion-mnist, synthetic"))
-    group.add_argument("--model", help=_default("model", "model: mlp, cnn, cnn-bn, wrn-D-W[-nobn], resnetD"))
+    group.add_argument(
+        "--data",
+        help=_default("data", "dataset: digits, fashion-mnist, synthetic, cifar10, cifar100, cifar100-coarse, or "
+                      "npz:PATH for your own arrays (docs/datasets.md)"),
+    )
+    group.add_argument(
+        "--model", help=_default("model", "model: mlp, cnn, cnn-bn, wrn-D-W[-nobn], resnetD, pyramidnet-D-A")
+    )
     group.add_argument("--epochs", type=int, help=_default("epochs"))
     group.add_argument(
         "--lr", type=_float_list, help=f"learning rate (default {lr_default}; compare: a list, chosen on validation)"
@@ -136,7 +144,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "--val-fraction", type=float, help=_default("val_fraction", "hold out this fraction of training data")
     )
     group.add_argument("--data-seed", type=int, help=_default("data_seed", "seed of the split and the label noise"))
-    group.add_argument("--data-dir", help="where to look first for dataset files (fashion-mnist)")
+    group.add_argument("--data-dir", help="where to look first for dataset files (fashion-mnist, cifar*)")
     group.add_argument(
         "--max-grad-norm", type=float, help=_default("max_grad_norm", "clip the step's gradient to this global norm")
     )
@@ -193,10 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train one model and write DIR/{config,summary}.json, metrics, plots",
-        epilog="the methods' own options (--option NAME=VALUE; default shown):\n" + options_help(),
+        epilog="the methods' own options (--option NAME=VALUE; default shown):\n" + options_help() + "\n\n"
+        + recipes_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, help="default sgd, or the recipe's")
+    add_recipe_arguments(train)
     train.add_argument(
         "--option",
         type=_option,
@@ -265,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_train(args: argparse.Namespace) -> int:
     from samkit.experiments.trainer import train
 
-    config = TrainConfig(
+    given = dict(
         optimizer=args.optimizer,
         seed=args.seed,
         lr=_single(args.lr, "--lr"),
@@ -275,6 +285,9 @@ def _run_train(args: argparse.Namespace) -> int:
         options=_method_options(args.option),
         **_given_fields(args),
     )
+    config = build_config(args.recipe, given)
+    if config.recipe and not args.quiet and is_main_process():
+        print(recipe_banner(config))
     summary = train(
         config, args.out, device=args.device, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet
     )

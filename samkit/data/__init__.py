@@ -1,4 +1,5 @@
-"""Datasets (IDX reader, digits, fashion-mnist, synthetic), label noise, augmentation and corruptions."""
+"""Datasets (IDX reader, digits, fashion-mnist, CIFAR-10/100, .npz arrays, synthetic), label noise,
+augmentation and corruptions."""
 
 from samkit.data.augmentation import AUGMENTATIONS, augment
 from samkit.data.corruptions import CORRUPTIONS, corrupt
@@ -6,7 +7,7 @@ from samkit.data.dataset import Dataset
 from samkit.data.errors import DatasetNotFoundError
 from samkit.data.idx import read_idx
 from samkit.data.label_noise import add_label_noise
-from samkit.data.load import DATASETS, load_dataset
+from samkit.data.load import DATASETS, check_dataset_name, load_dataset
 from samkit.data.normalization import denormalize, normalize
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "DatasetNotFoundError",
     "add_label_noise",
     "augment",
+    "check_dataset_name",
     "corrupt",
     "denormalize",
     "load_dataset",

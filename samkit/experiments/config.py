@@ -64,6 +64,7 @@ class TrainConfig:
     subset: Optional[int] = None
     val_fraction: float = 0.0
     data_dir: Optional[str] = None
+    recipe: Optional[str] = None  # the named recipe the run started from (samkit.experiments.recipes), if any
     max_grad_norm: Optional[float] = None
     amp: Optional[str] = None
     track_hessian: int = 0

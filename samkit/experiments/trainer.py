@@ -77,11 +77,10 @@ def mixup(x: Tensor, y: Tensor, alpha: float, num_classes: int, rng: np.random.G
 
 def check_names(config: TrainConfig) -> None:
     """Unknown dataset, model or augmentation names, listing the valid ones, before any work."""
-    from samkit.data import AUGMENTATIONS, DATASETS
+    from samkit.data import AUGMENTATIONS, check_dataset_name
     from samkit.models import MODELS, build_model
 
-    if config.data not in DATASETS:
-        raise ValueError(f"unknown data {config.data!r}; valid: {', '.join(DATASETS)}")
+    check_dataset_name(config.data)  # a known name or npz:PATH
     if config.model not in MODELS:
         try:  # the registry also parses sized names beyond its list, e.g. wrn-10-1 or resnet8
             build_model(config.model, in_channels=1, num_classes=2, image_size=8)

@@ -5,6 +5,8 @@
     wrn-D-W[-nobn]         WideResNet, depth D = 6n + 4, width factor W (any such D and W parse:
                            wrn-16-4, wrn-28-10, wrn-40-2, ...); -nobn drops every BatchNorm
     resnetD                CIFAR ResNet, depth D = 6n + 2 (resnet20, resnet32, resnet56, ...)
+    pyramidnet-D-A         bottleneck PyramidNet, depth D = 9n + 2, width increase alpha A (pyramidnet-272-200,
+                           the SAM paper's; pyramidnet-11-24, a tiny one)
 MODELS lists the usual names; build_model accepts every name of these forms.
 
 Example:
@@ -22,6 +24,7 @@ from torch import nn
 
 from samkit.models.cnn import SmallCNN
 from samkit.models.mlp import MLP
+from samkit.models.pyramidnet import PyramidNet
 from samkit.models.resnet import CifarResNet
 from samkit.models.wide_resnet import WideResNet
 
@@ -29,9 +32,11 @@ MODELS = (
     "mlp", "mlp-bn", "cnn", "cnn-bn",
     "wrn-16-4", "wrn-16-8", "wrn-28-2", "wrn-28-10", "wrn-16-4-nobn",
     "resnet20", "resnet32", "resnet56",
+    "pyramidnet-272-200",
 )
 _WRN = re.compile(r"wrn-(\d+)-(\d+)(-nobn)?")
 _RESNET = re.compile(r"resnet(\d+)")
+_PYRAMID = re.compile(r"pyramidnet-(\d+)-(\d+)")
 _MIN_IMAGE_SIZE = 2  # the CNN's 2x2 max-pool
 
 
@@ -60,5 +65,8 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: in
     resnet = _RESNET.fullmatch(name)
     if resnet:
         return CifarResNet(int(resnet.group(1)), in_channels, num_classes)
-    raise ValueError(f"unknown model {name!r}; choose one of {MODELS}, or any wrn-D-W[-nobn] (D = 6n + 4) "
-                     "or resnetD (D = 6n + 2)")
+    pyramid = _PYRAMID.fullmatch(name)
+    if pyramid:
+        return PyramidNet(int(pyramid.group(1)), int(pyramid.group(2)), in_channels, num_classes)
+    raise ValueError(f"unknown model {name!r}; choose one of {MODELS}, or any wrn-D-W[-nobn] (D = 6n + 4), "
+                     "resnetD (D = 6n + 2) or pyramidnet-D-A (D = 9n + 2)")

@@ -16,9 +16,9 @@ def pixels(ds, x):
 
 
 def test_names_and_unknown_name():
-    assert DATASETS == ("digits", "fashion-mnist", "synthetic")
-    with pytest.raises(ValueError, match=r"unknown dataset 'cifar10'.*digits.*fashion-mnist.*synthetic"):
-        load_dataset("cifar10")
+    assert DATASETS == ("digits", "fashion-mnist", "synthetic", "cifar10", "cifar100", "cifar100-coarse")
+    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'.*digits.*fashion-mnist.*synthetic"):
+        load_dataset("imagenet")
 
 
 def test_digits_shapes_dtypes_and_stratified_split():

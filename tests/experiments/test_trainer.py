@@ -137,8 +137,8 @@ def test_bad_names_and_sizes_are_refused_before_training(tmp_path):
         train(TINY.replace(model="vit"), tmp_path / "x", device="cpu")
     with pytest.raises(ValueError, match=r"unknown model 'wrn-15-2' \(WRN depth must be 6n \+ 4.*got 15\); valid: mlp"):
         train(TINY.replace(model="wrn-15-2"), tmp_path / "x", device="cpu")
-    with pytest.raises(ValueError, match="unknown data 'cifar10'; valid: digits, fashion-mnist, synthetic"):
-        train(TINY.replace(data="cifar10"), tmp_path / "x", device="cpu")
+    with pytest.raises(ValueError, match="unknown data 'imagenet'; valid: digits, fashion-mnist, synthetic"):
+        train(TINY.replace(data="imagenet"), tmp_path / "x", device="cpu")
     with pytest.raises(ValueError, match="unknown augment 'autoaugment'; valid: none, basic, cutout"):
         train(TINY.replace(augment="autoaugment"), tmp_path / "x", device="cpu")
     with pytest.raises(ValueError, match="batch_size=512 is larger than the 256 training examples"):
