@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from samkit.experiments.files import write_bytes_with
+from samkit.experiments.files import interrupts_held, write_bytes_with
 
 CHECKPOINT_VERSION = 1
 
@@ -72,9 +72,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` (plus the RNG states and a version) atomically to ``path``."""
     payload = {"version": CHECKPOINT_VERSION, "rng": capture_rng_state(), **state}
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    write_bytes_with(Path(path), lambda handle: handle.write(buffer.getbuffer()))
+    with interrupts_held():  # Ctrl-C inside torch.save's writer would surface as a RuntimeError from C++
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        write_bytes_with(Path(path), lambda handle: handle.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: Path, *, map_location: Any = "cpu") -> dict[str, Any]:

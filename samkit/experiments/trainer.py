@@ -45,7 +45,7 @@ from samkit.experiments import distributed, plots, rundir
 from samkit.experiments.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from samkit.experiments.config import TrainConfig
 from samkit.experiments.errors import OutputError, checking
-from samkit.experiments.files import read_json, write_json, write_jsonl
+from samkit.experiments.files import interrupts_held, read_json, write_json, write_jsonl
 from samkit.experiments.inputs import RunData, label_noise_record, load_run_data
 from samkit.experiments.metrics import evaluate
 from samkit.experiments.optimizers import build_optimizer
@@ -244,25 +244,26 @@ class _Training:
         if not self.context.is_main:
             self.saved_epoch = self.epoch
             return
-        save_checkpoint(
-            self.out / rundir.CHECKPOINT,
-            {
-                "config": self.config.to_dict(),
-                "model_shape": data.model_shape,
-                "epoch": self.epoch,
-                "step": self.step,
-                "wall_seconds": self.wall_seconds,
-                "train_seconds": self.train_seconds,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "trajectory": self.term.state_dict() if self.term is not None else None,
-                "metrics": self.metrics,
-                "train_labels": data.train_labels,
-                **self.runtime,
-            },
-        )
-        self.saved_epoch = self.epoch
+        with interrupts_held():  # a Ctrl-C during the write lands after it, with saved_epoch telling the truth
+            save_checkpoint(
+                self.out / rundir.CHECKPOINT,
+                {
+                    "config": self.config.to_dict(),
+                    "model_shape": data.model_shape,
+                    "epoch": self.epoch,
+                    "step": self.step,
+                    "wall_seconds": self.wall_seconds,
+                    "train_seconds": self.train_seconds,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "trajectory": self.term.state_dict() if self.term is not None else None,
+                    "metrics": self.metrics,
+                    "train_labels": data.train_labels,
+                    **self.runtime,
+                },
+            )
+            self.saved_epoch = self.epoch
 
     def _restore(self, path: Path, model: nn.Module, optimizer, scaler, data: RunData) -> None:
         payload = load_checkpoint(path, map_location=self.device)
