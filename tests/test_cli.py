@@ -294,3 +294,17 @@ def test_importing_samkit_and_its_command_does_not_import_matplotlib():
     code = "import sys, samkit, samkit.cli; print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["sharpness", "--k", "0"], "k must be >= 1, got 0"),
+        (["sharpness", "--examples", "0"], "examples must be >= 1, got 0"),
+        (["landscape", "--steps", "1"], "steps must be >= 3, got 1"),
+        (["landscape", "--span", "-1"], "span must be a finite number > 0, got -1.0"),
+    ],
+)
+def test_measurement_options_are_checked_as_bad_input(run_dir, capsys, command, message):
+    assert main([command[0], str(run_dir), *command[1:]]) == 2
+    assert message in capsys.readouterr().err

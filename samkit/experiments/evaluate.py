@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from samkit.experiments.distributed import resolve_device
 from samkit.experiments.errors import checking
 from samkit.experiments.files import write_json, write_text
 from samkit.experiments.inputs import load_config_dataset
@@ -54,7 +55,7 @@ def evaluate_run(
         run = open_run(run_path)
         weights = trained_weights(run, "evaluate")
         config = run.config
-        resolved = torch.device(device)
+        resolved = resolve_device(device)  # "auto", or a clear error when CUDA is asked for and missing
         dataset = load_config_dataset(config)
         model = run.model(device=resolved)
     common = {"num_classes": dataset.num_classes, "device": resolved}

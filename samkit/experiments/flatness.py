@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from samkit.experiments.distributed import resolve_device
 from samkit.experiments.errors import checking
 
 HESSIAN_EXAMPLES = 1000
@@ -83,11 +84,15 @@ def run_sharpness(
     from samkit.experiments.runs import open_run, trained_weights
     from samkit.experiments.steps import make_loss_fn
     from samkit.sharpness import flatness_report
+    from samkit.sharpness.checks import check_int
 
-    with checking():  # a missing, foreign or diverged run, its data: bad input (exit 2)
+    with checking():  # the options, a missing, foreign or diverged run, its data: bad input (exit 2)
+        check_int("examples", examples, minimum=1)
+        check_int("k", k, minimum=1)
+        check_int("micro_batch_size", micro_batch_size, minimum=1)
         run = open_run(run_path)
         weights = trained_weights(run, "sharpness")
-        resolved = torch.device(device)
+        resolved = resolve_device(device)  # "auto", or a clear error when CUDA is asked for and missing
         data = load_run_data(run.config, device=resolved)
         model = run.model(device=resolved)
     batches = _batches(data.dataset.x_train, data.train_labels, examples, HESSIAN_BATCH, resolved)
@@ -124,11 +129,15 @@ def run_landscape(
     from samkit.experiments.runs import open_run, trained_weights
     from samkit.experiments.steps import make_loss_fn
     from samkit.sharpness import loss_landscape
+    from samkit.sharpness.checks import check_int, check_positive_float
 
-    with checking():  # a missing, foreign or diverged run, its data: bad input (exit 2)
+    with checking():  # the options, a missing, foreign or diverged run, its data: bad input (exit 2)
+        check_int("examples", examples, minimum=1)
+        check_int("steps", steps, minimum=3)
+        check_positive_float("span", span)
         run = open_run(run_path)
         trained_weights(run, "landscape")
-        resolved = torch.device(device)
+        resolved = resolve_device(device)  # "auto", or a clear error when CUDA is asked for and missing
         data = load_run_data(run.config, device=resolved)
         model = run.model(device=resolved)
     batches = _batches(data.dataset.x_train, data.train_labels, examples, HESSIAN_BATCH, resolved)
