@@ -9,6 +9,7 @@
     sharpness.json, landscape.png (they describe the trained model, so --overwrite removes them too)
     DIR/.lock          while a command trains in DIR (holds its pid; the kernel frees it when the process dies)
 
+A DIR with checkpoint.pt, summary.json or metrics.jsonl but no config.json is refused unless --overwrite.
 An existing DIR with a config.json is
     refused        when its config differs from the new one (unless --overwrite), naming the differences;
     refused        when its config is the same but neither --resume nor --overwrite is given;
@@ -122,8 +123,11 @@ def inspect_run_dir(
     _check_out_path(out)
     config_path = out / CONFIG
     if not config_path.exists():
-        if (out / CHECKPOINT).exists() and not overwrite:
-            raise RunDirError(f"{out} holds a checkpoint.pt but no config.json: pass --overwrite or another --out")
+        found = [name for name in (CHECKPOINT, SUMMARY, METRICS) if (out / name).exists()]
+        if found and not overwrite:  # the remains of a run: never written over unasked
+            raise RunDirError(
+                f"{out} holds {', '.join(found)} but no config.json: pass --overwrite to replace it, or another --out"
+            )
         return Plan(NEW)
     if overwrite:
         return Plan(OVERWRITE)

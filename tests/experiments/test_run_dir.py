@@ -108,6 +108,9 @@ def test_resume_without_a_checkpoint_never_starts_again_silently(finished_run, t
     before = contents(copy)
     assert train(TINY, copy, device="cpu", quiet=True, plot=False, resume=True) == summary
     assert contents(copy) == before
+    (copy / "config.json").unlink()  # what is left of a run is not written over either
+    with pytest.raises(RunDirError, match="holds summary.json, metrics.jsonl but no config.json: pass --overwrite"):
+        train(TINY, copy, device="cpu", quiet=True, plot=False)
 
 
 def _dead_pid() -> int:
