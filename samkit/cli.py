@@ -7,14 +7,17 @@
     samkit sharpness RUN
     samkit landscape RUN
 
-Data-parallel: ``torchrun --nproc_per_node N -m samkit train ...``. Exit codes: 0 done, 2 bad input
-(the message names the value and the fix), 130 interrupted (the checkpoint is valid: rerun with --resume).
+Data-parallel: ``torchrun --nproc_per_node N -m samkit train ...``. Exit codes: 0 done; 2 bad input (a
+UsageError: the message names the value and the fix, and nothing was changed); 130 interrupted (the checkpoint
+is valid: rerun with --resume); 1 a run that did not end ok, a file that could not be written (the message says
+which, and what is safe), or an internal error (with its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -29,6 +32,7 @@ from samkit.experiments.config import (
     TrainConfig,
 )
 from samkit.experiments.distributed import DEVICES, is_main_process
+from samkit.experiments.errors import OutputError, UsageError, checking
 from samkit.experiments.methods import options_help
 from samkit.experiments.recipes import add_recipe_arguments, build_config, recipe_banner, recipes_epilog
 
@@ -67,6 +71,18 @@ def _float_list(text: str) -> list[float]:
     if not values:
         raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
     return values
+
+
+def _threads(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of threads >= 1, got {text!r} (omit --threads for torch's choice)"
+        )
+    return count
 
 
 def _name_list(text: str) -> list[str]:
@@ -157,9 +173,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", choices=DEVICES, default="auto", help="default auto: cuda if available")
     group.add_argument(
         "--threads",
-        type=int,
+        type=_threads,
         help="torch CPU threads (train: torch's choice; compare: 1, since small models gain nothing from more and "
-        "oversubscribed cores slow them down many times)",
+        "oversubscribed cores slow them down many times). It changes the float sums, so config.json records it "
+        "and --resume must use the same",
     )
     group.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
@@ -177,7 +194,7 @@ def _method_options(pairs: Optional[list[tuple[str, str]]]) -> Optional[dict[str
     options: dict[str, str] = {}
     for name, value in pairs:
         if name in options:
-            raise ValueError(f"--option {name} is given twice ({options[name]!r} and {value!r}): give it once")
+            raise UsageError(f"--option {name} is given twice ({options[name]!r} and {value!r}): give it once")
         options[name] = value
     return options
 
@@ -190,7 +207,7 @@ def _single(values: Optional[list[float]], option: str) -> Optional[float]:
     if values is None:
         return None
     if len(values) > 1:
-        raise ValueError(f"{option} takes one value in `samkit train`, got {values}; use `samkit compare` for a grid")
+        raise UsageError(f"{option} takes one value in `samkit train`, got {values}; use `samkit compare` for a grid")
     return values[0]
 
 
@@ -273,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from samkit.experiments.rundir import require_run
     from samkit.experiments.trainer import train
+
+    if args.resume and not args.overwrite:  # (both: the trainer says they contradict each other)
+        require_run(args.out)  # never a new run in place of the one the user meant to continue
 
     given = dict(
         optimizer=args.optimizer,
@@ -285,7 +306,8 @@ def _run_train(args: argparse.Namespace) -> int:
         options=_method_options(args.option),
         **_given_fields(args),
     )
-    config = build_config(args.recipe, given)
+    with checking():  # an unknown recipe or a bad resolved option is bad input
+        config = build_config(args.recipe, given)
     if config.recipe and not args.quiet and is_main_process():
         print(recipe_banner(config))
     summary = train(
@@ -297,12 +319,20 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from samkit.experiments.compare import DEFAULT_BASE, DEFAULT_OPTIMIZERS, DEFAULT_SEEDS, compare
+    from samkit.experiments.compare import DEFAULT_BASE, DEFAULT_OPTIMIZERS, DEFAULT_SEEDS, compare, describe_job
 
     given = _given_fields(args)
     # no training option at all: the README's job; any training option: start from `samkit train`'s defaults,
     # so that nothing of the README job (its 40 % label noise, say) leaks silently into another comparison
     base = TrainConfig(**given) if given or args.lr or args.rho else DEFAULT_BASE
+    if base is DEFAULT_BASE:
+        print(f"job: the default comparison: {describe_job(base)} (any training option replaces it)", flush=True)
+    else:
+        print(
+            f"job: `samkit train`'s defaults with the options given, not the default comparison's (mlp, 30 epochs, "
+            f"40 % label noise): {describe_job(base)}",
+            flush=True,
+        )
     result = compare(
         base,
         args.out,
@@ -325,8 +355,19 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_after_printing(write, what: str) -> None:
+    """Write a result already printed; a failed write says the result above is all there is."""
+    try:
+        write()
+    except OSError as error:
+        raise OutputError(
+            f"cannot write {error.filename or what}: {error.strerror or error}; the result printed above was not "
+            "saved"
+        ) from error
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from samkit.experiments.evaluate import evaluate_run, format_evaluation
+    from samkit.experiments.evaluate import evaluate_run, format_evaluation, write_evaluation
 
     corruptions = args.corruptions
     if corruptions == ["all"]:
@@ -334,14 +375,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
         corruptions = list(CORRUPTIONS)
     result = evaluate_run(
-        args.run, corruptions=corruptions, severities=args.severities, seed=args.seed, device=args.device
+        args.run, corruptions=corruptions, severities=args.severities, seed=args.seed, device=args.device, write=False
     )
-    print(format_evaluation(result))
+    print(format_evaluation(result), flush=True)
+    _write_after_printing(lambda: write_evaluation(result), f"{result['run']}/evaluation.json")
     return 0
 
 
 def _run_sharpness(args: argparse.Namespace) -> int:
-    from samkit.experiments.flatness import run_sharpness
+    from samkit.experiments.flatness import run_sharpness, write_sharpness
 
     report = run_sharpness(
         args.run,
@@ -350,9 +392,12 @@ def _run_sharpness(args: argparse.Namespace) -> int:
         micro_batch_size=args.micro_batch_size,
         seed=args.seed,
         device=args.device,
+        write=False,
     )
     for key, value in report.items():
         print(f"{key}: {value}")
+    sys.stdout.flush()
+    _write_after_printing(lambda: write_sharpness(report), f"{report['run']}/sharpness.json")
     return 0
 
 
@@ -382,10 +427,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
-    from samkit.experiments.trainer import TrainingInterrupted
+    from samkit.experiments.trainer import WRITE_ERRNOS, TrainingInterrupted
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"samkit {args.command}: warning: {message}", file=sys.stderr)
 
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # samkit's warnings as one plain line each, restored on return
+            warnings.showwarning = show_warning
+            return COMMANDS[args.command](args)
     except TrainingInterrupted as interrupted:
         if args.command == "compare":
             print(
@@ -398,9 +448,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("samkit: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as error:
+    except (UsageError, FileNotFoundError) as error:  # bad input, named by the checks; other errors are internal
         print(f"samkit {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OutputError as error:
+        print(f"samkit {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        print(f"samkit {args.command}: error: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,9 +14,12 @@ torchvision-style ``FashionMNIST/raw/`` subfolder):
        MD5 before it is moved into place (temp file + os.replace: never a half file in the cache)
     otherwise DatasetNotFoundError saying where it looked and how to get the files.
 
+A data_dir that does not hold all four files is an error naming the missing ones (the search does not go on
+past a folder the user named: the run would train on other files than its config records).
+
 Every file goes through `read_idx` (magic, dtype, dims, exact size) and then through checks of what
-Fashion-MNIST must be (uint8 28x28 images, as many labels as images, labels in 0..9), so a damaged file
-is a ValueError naming it.
+Fashion-MNIST must be (uint8 28x28 images, as many labels as images, labels in 0..9, a training set larger
+than the test set: swapped train/t10k files are refused), so a damaged file is a ValueError naming it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Optional
 from urllib.request import urlopen
@@ -154,20 +156,37 @@ def download(folder: PathLike, *, timeout: float = DOWNLOAD_TIMEOUT_S) -> dict[s
     return paths
 
 
+def _incomplete_data_dir(data_dir: PathLike) -> DatasetNotFoundError:
+    """The error for a --data-dir without the four files: which of them it holds, and which it lacks."""
+    folder = Path(data_dir)
+    best = max(
+        ({stem: _file_in(folder / sub, stem) for stem in FASHION_FILES} for sub in _SUBFOLDERS),
+        key=lambda found: sum(path is not None for path in found.values()),
+    )
+    present = [stem for stem, path in best.items() if path is not None]
+    missing = [stem for stem, path in best.items() if path is None]
+    state = "does not exist" if not folder.exists() else f"holds {len(present)} of the 4 Fashion-MNIST files"
+    have = f" ({', '.join(present)})" if present else ""
+    return DatasetNotFoundError(
+        f"--data-dir {os.fspath(data_dir)!r} {state}{have}; missing: {', '.join(missing)} (.gz or raw). Put all "
+        "four there, or drop --data-dir to use the search order ($SAMKIT_DATA, "
+        f"{SYSTEM_DIR}, the cache, a download)"
+    )
+
+
 def locate(data_dir: Optional[PathLike] = None, *, download_missing: bool = True) -> dict[str, Path]:
     """Paths of the four files, searching as the module doc says; may download into the cache."""
+    if data_dir is not None:
+        # a folder the user named is the data, or an error: going on to another copy would train on files other
+        # than the ones the run's config records
+        found = find_files(data_dir)
+        if found is None:
+            raise _incomplete_data_dir(data_dir)
+        return found
     searched = search_dirs(data_dir)
     for folder in searched:
         found = find_files(folder)
         if found is not None:
-            if data_dir is not None and folder != Path(data_dir):
-                # the search order goes on past --data-dir, but a user who named a folder should hear it was not used
-                warnings.warn(
-                    f"--data-dir {os.fspath(data_dir)!r} holds no complete Fashion-MNIST (the four files "
-                    f"{', '.join(FASHION_FILES)}, .gz or raw); using {str(folder)!r} instead",
-                    UserWarning,
-                    stacklevel=2,
-                )
             return found
     if not download_missing:
         raise DatasetNotFoundError(how_to_get_it(searched, "download disabled"))
@@ -198,4 +217,10 @@ def load_fashion_mnist_arrays(
     paths = locate(data_dir, download_missing=download)
     x_train, y_train = _load_split(paths["train-images-idx3-ubyte"], paths["train-labels-idx1-ubyte"])
     x_test, y_test = _load_split(paths["t10k-images-idx3-ubyte"], paths["t10k-labels-idx1-ubyte"])
+    if x_train.shape[0] <= x_test.shape[0]:
+        raise ValueError(
+            f"{str(paths['train-images-idx3-ubyte'])!r} holds {x_train.shape[0]} images and "
+            f"{str(paths['t10k-images-idx3-ubyte'])!r} {x_test.shape[0]}: the training set must be the larger one "
+            "(Fashion-MNIST: 60000 train, 10000 t10k), so the train and t10k files look swapped: check their names"
+        )
     return x_train, y_train, x_test, y_test

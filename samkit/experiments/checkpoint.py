@@ -11,20 +11,23 @@ What a run's future depends on, and where it lives in the checkpoint:
     the training labels          train_labels     after label noise / bootstrap relabelling
     history                      metrics, epoch, step, wall_seconds
 
-The file is written atomically (temp file + os.replace) and loads with ``torch.load(weights_only=True)``:
-only tensors, numbers, strings, lists and dicts go in.
+The file is serialized in memory, then written atomically (temp file + os.replace; Ctrl-C waits for the write
+to end, see files.py), so a failed write is a plain OSError naming the file. It loads with
+``torch.load(weights_only=True)``: only tensors, numbers, strings, lists and dicts go in.
 """
 
 from __future__ import annotations
 
+import io
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from samkit.experiments.files import write_bytes_with
+from samkit.experiments.files import interrupts_held, write_bytes_with
 
 CHECKPOINT_VERSION = 1
 
@@ -69,7 +72,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` (plus the RNG states and a version) atomically to ``path``."""
     payload = {"version": CHECKPOINT_VERSION, "rng": capture_rng_state(), **state}
-    write_bytes_with(Path(path), lambda handle: torch.save(payload, handle))
+    with interrupts_held():  # Ctrl-C inside torch.save's writer would surface as a RuntimeError from C++
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        write_bytes_with(Path(path), lambda handle: handle.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: Path, *, map_location: Any = "cpu") -> dict[str, Any]:
@@ -79,10 +85,24 @@ def load_checkpoint(path: Path, *, map_location: Any = "cpu") -> dict[str, Any]:
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: pass a run folder or its checkpoint.pt")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(
+            f"{path} is not a readable samkit checkpoint: it is empty (0 bytes), so a copy or a write outside samkit "
+            "was cut off (samkit replaces a checkpoint only by a whole one); give a run's folder or its checkpoint.pt"
+        )
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as handle:
+            start = handle.read(16)
+        raise ValueError(
+            f"{path} is not a readable samkit checkpoint: not a torch.save zip file (it starts with {start!r}, "
+            f"{size} bytes): give a run's folder or its checkpoint.pt"
+        )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a truncated or foreign file: say which and why
-        raise ValueError(f"{path} is not a readable samkit checkpoint: {error}") from error
+        why = str(error).strip().splitlines()[0] if str(error).strip() else "no message"
+        raise ValueError(f"{path} is not a readable samkit checkpoint: {type(error).__name__}: {why}") from error
     if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path} is not a samkit checkpoint (version {CHECKPOINT_VERSION} expected)")
     return payload

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 
 from samkit.experiments import plots, report
 from samkit.experiments.config import OPTIMIZERS, SAM_OPTIMIZERS, TrainConfig
+from samkit.experiments.errors import checking
 from samkit.experiments.files import read_jsonl, write_text
 from samkit.experiments.methods import METHODS
 from samkit.experiments.rundir import METRICS
@@ -242,13 +243,15 @@ def compare(
     (``samkit.experiments.timing``: blocks of that many steps, 5 interleaved rounds), for the report's time
     column; 0 reports the runs' own training seconds per step instead."""
     out = Path(out)
-    configs = grid_by_spec(base, optimizers=optimizers, seeds=seeds, lrs=lrs, rhos=rhos)
     from samkit.experiments.trainer import check_names
 
-    check_names(configs[0][1])
-    names = [run_name(config, spec) for spec, config in configs]
-    if len(set(names)) != len(names):
-        raise ValueError("two entries of --optimizers give the same runs: name each method's options once")
+    with checking():  # bad input, before any training
+        _check_time_steps(time_steps)
+        configs = grid_by_spec(base, optimizers=optimizers, seeds=seeds, lrs=lrs, rhos=rhos)
+        check_names(configs[0][1])
+        names = [run_name(config, spec) for spec, config in configs]
+        if len(set(names)) != len(names):
+            raise ValueError("two entries of --optimizers give the same runs: name each method's options once")
     rows = []
     started = time.perf_counter()
     for index, ((spec, config), name) in enumerate(zip(configs, names), 1):
@@ -282,11 +285,7 @@ def compare(
         for line in table
         if line["ok"]
     ]
-    title = f"{', '.join(report.label(o) for o in optimizers)} on {base.data}"
-    if len(optimizers) > 4:
-        title = f"{len(optimizers)} methods on {base.data}"
-    if base.label_noise:
-        title += f" with {base.label_noise:.0%} label noise"
+    title = _title(base, optimizers, rows)
     if bars:
         plot_paths.append(plots.error_bars(bars, out / "test_error.png", title=f"{title}: test error"))
     points = report.frontier_points(table)
@@ -313,13 +312,31 @@ def compare(
     return CompareResult(rows, report_path, csv_path, plot_paths, report.console_table(rows, timing=timing))
 
 
+def _title(base: TrainConfig, optimizers: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    """What ran: the methods with at least one ok run (the figures show only those), and those that failed."""
+    ran = [o for o in optimizers if any(r["optimizer"] == o and r["status"] == OK for r in rows)]
+    failed = [o for o in optimizers if o not in ran]
+    title = f"{', '.join(report.label(o) for o in ran) or 'no method'} on {base.data}"
+    if len(ran) > 4:
+        title = f"{len(ran)} methods on {base.data}"
+    if base.label_noise:
+        title += f" with {base.label_noise:.0%} label noise"
+    if failed:
+        title += f" ({', '.join(report.label(o) for o in failed)}: no run ended ok)"
+    return title
+
+
+def _check_time_steps(steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"time_steps must be an integer >= 0 (0: use the runs' own times), got {steps!r}")
+
+
 def _time_selected(configs, rows, steps: int, device: str, quiet: bool) -> dict[str, float]:
     """Seconds per step of each group's selected setting, timed side by side now (its first seed's config)."""
     from samkit.experiments.distributed import resolve_device
     from samkit.experiments.timing import time_methods
 
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"time_steps must be an integer >= 0 (0: use the runs' own times), got {steps!r}")
+    _check_time_steps(steps)
     selected = {}
     for (spec, config), row in zip(configs, rows):
         if row["selected"] and spec.text not in selected:
@@ -330,7 +347,21 @@ def _time_selected(configs, rows, steps: int, device: str, quiet: bool) -> dict[
     return {group: result["seconds_per_step"] for group, result in timed.items()}
 
 
+def describe_job(base: TrainConfig) -> str:
+    """The training setting every run of the grid shares, in words (printed before a compare starts)."""
+    parts = _setting_parts(base)
+    if base.lr is not None:
+        parts.insert(4, f"lr {base.lr:g}")
+    return ", ".join(parts).replace("`", "")
+
+
 def _setting_line(base: TrainConfig, seeds: Sequence[int], elapsed: float) -> str:
+    parts = _setting_parts(base)
+    parts.append(f"seeds {', '.join(map(str, seeds))}")
+    return "Setting: " + ", ".join(parts) + f". This invocation took {elapsed:.0f} s."
+
+
+def _setting_parts(base: TrainConfig) -> list[str]:
     parts = [
         f"data `{base.data}`" + (f" (subset {base.subset})" if base.subset else ""),
         f"model `{base.model}`",
@@ -348,5 +379,4 @@ def _setting_line(base: TrainConfig, seeds: Sequence[int], elapsed: float) -> st
         parts.append(f"label smoothing {base.label_smoothing:g}")
     if base.val_fraction:
         parts.append(f"validation split {base.val_fraction:.0%}")
-    parts.append(f"seeds {', '.join(map(str, seeds))}")
-    return "Setting: " + ", ".join(parts) + f". This invocation took {elapsed:.0f} s."
+    return parts

@@ -19,11 +19,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from samkit.experiments.distributed import resolve_device
+from samkit.experiments.errors import checking
 from samkit.experiments.files import write_json, write_text
 from samkit.experiments.inputs import load_config_dataset
 from samkit.experiments.metrics import evaluate
 from samkit.experiments.rundir import CORRUPTIONS_CSV, EVALUATION
-from samkit.experiments.runs import open_run
+from samkit.experiments.runs import open_run, trained_weights
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -35,25 +37,32 @@ def evaluate_run(
     severities: Sequence[int] = SEVERITIES,
     seed: int = 0,
     device: str = "cpu",
+    write: bool = True,
 ) -> dict[str, Any]:
-    """Clean test accuracy (and, with ``corruptions``, accuracy per corruption and severity) of a saved run."""
+    """Clean test accuracy (and, with ``corruptions``, accuracy per corruption and severity) of a saved run.
+
+    ``result["weights"]`` says which weights were evaluated (a diverged run is refused, an unfinished one warned
+    about: ``runs.trained_weights``). ``write=False`` leaves the files to ``write_evaluation``."""
     from samkit.data import CORRUPTIONS, corrupt
 
-    for kind in corruptions or ():
-        if kind not in CORRUPTIONS:
-            raise ValueError(f"unknown corruption {kind!r}; valid: {', '.join(CORRUPTIONS)}")
-    for severity in severities:
-        if severity not in SEVERITIES:
-            raise ValueError(f"severity must be in 1..5, got {severity!r}")
-    run = open_run(run_path)
-    config = run.config
-    resolved = torch.device(device)
-    dataset = load_config_dataset(config)
-    model = run.model(device=resolved)
+    with checking():  # bad requests, a missing or foreign run, its data: bad input (exit 2)
+        for kind in corruptions or ():
+            if kind not in CORRUPTIONS:
+                raise ValueError(f"unknown corruption {kind!r}; valid: {', '.join(CORRUPTIONS)}")
+        for severity in severities:
+            if severity not in SEVERITIES:
+                raise ValueError(f"severity must be in 1..5, got {severity!r}")
+        run = open_run(run_path)
+        weights = trained_weights(run, "evaluate")
+        config = run.config
+        resolved = resolve_device(device)  # "auto", or a clear error when CUDA is asked for and missing
+        dataset = load_config_dataset(config)
+        model = run.model(device=resolved)
     common = {"num_classes": dataset.num_classes, "device": resolved}
     clean = evaluate(model, dataset.x_test, dataset.y_test, **common)
     result: dict[str, Any] = {
         "run": str(run.path),
+        "weights": weights,
         "epochs_completed": run.epochs_completed,
         "test_accuracy": clean.accuracy,
         "test_loss": clean.loss,
@@ -69,17 +78,31 @@ def evaluate_run(
                 table.append({"corruption": kind, "severity": severity, "accuracy": accuracy})
         result["corruptions"] = table
         result["mean_corrupted_accuracy"] = sum(row["accuracy"] for row in table) / len(table)
+    if write:
+        write_evaluation(result)
+    return result
+
+
+def write_evaluation(result: dict[str, Any]) -> list[Path]:
+    """RUN/evaluation.json (and RUN/corruptions.csv with corruptions) of ``evaluate_run``'s result."""
+    folder = Path(result["run"])
+    written = []
+    table = result.get("corruptions")
+    if table:
         csv_lines = ["corruption,severity,accuracy"] + [
             f"{r['corruption']},{r['severity']},{r['accuracy']}" for r in table
         ]
-        write_text(run.path / CORRUPTIONS_CSV, "\n".join(csv_lines) + "\n")
-    write_json(run.path / EVALUATION, result)
-    return result
+        write_text(folder / CORRUPTIONS_CSV, "\n".join(csv_lines) + "\n")
+        written.append(folder / CORRUPTIONS_CSV)
+    write_json(folder / EVALUATION, result)
+    return [*written, folder / EVALUATION]
 
 
 def format_evaluation(result: dict[str, Any]) -> str:
     """A plain-text table: one row per corruption, one column per severity (accuracy in %)."""
     lines = [f"clean test accuracy: {100 * result['test_accuracy']:.2f} %"]
+    if result.get("weights"):
+        lines.insert(0, f"weights: {result['weights']}")
     rows = result.get("corruptions")
     if not rows:
         return "\n".join(lines)

@@ -6,29 +6,59 @@ one, never a torn one. Non-finite floats are written as Python's json writes the
 diverged run's losses read back as floats:
 
     write tmp = path.tmp-<pid>;  fsync(tmp);  os.replace(tmp, path)
+
+Ctrl-C during such a write is held back until the write is done, then raised: an interrupted command leaves
+the new file whole (and says so), instead of an error from deep inside the writer. A failed write (disk full,
+read-only folder) raises OSError naming the target file, and leaves no temporary file behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold SIGINT back during the block and deliver it after (main thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    if previous is None:  # installed outside Python: put Python's default back
+        previous = signal.default_int_handler
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)  # to the handler that was in place: KeyboardInterrupt by default
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with interrupts_held():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, mode) as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except OSError as error:
+            if error.errno is None:
+                raise
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def write_text(path: Path, text: str) -> None:

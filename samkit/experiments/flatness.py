@@ -23,6 +23,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from samkit.experiments.distributed import resolve_device
+from samkit.experiments.errors import checking
+
 HESSIAN_EXAMPLES = 1000
 HESSIAN_BATCH = 500
 HESSIAN_K = 5
@@ -69,28 +72,47 @@ def run_sharpness(
     micro_batch_size: int = 128,
     seed: int = 0,
     device: str = "cpu",
+    write: bool = True,
 ) -> dict[str, Any]:
     """``flatness_report`` of a saved run's model on its first ``examples`` training examples.
 
     m-sharpness is measured on micro-batches of ``micro_batch_size`` (at most ``examples``) examples.
+    ``report["weights"]`` says which weights (``runs.trained_weights``: a diverged run is refused); ``write=False``
+    leaves RUN/sharpness.json to ``write_sharpness``.
     """
-    from samkit.experiments.files import write_json
     from samkit.experiments.inputs import load_run_data
-    from samkit.experiments.runs import open_run
+    from samkit.experiments.runs import open_run, trained_weights
     from samkit.experiments.steps import make_loss_fn
     from samkit.sharpness import flatness_report
+    from samkit.sharpness.checks import check_int
 
-    run = open_run(run_path)
-    resolved = torch.device(device)
-    data = load_run_data(run.config, device=resolved)
-    model = run.model(device=resolved)
+    with checking():  # the options, a missing, foreign or diverged run, its data: bad input (exit 2)
+        check_int("examples", examples, minimum=1)
+        check_int("k", k, minimum=1)
+        check_int("micro_batch_size", micro_batch_size, minimum=1)
+        run = open_run(run_path)
+        weights = trained_weights(run, "sharpness")
+        resolved = resolve_device(device)  # "auto", or a clear error when CUDA is asked for and missing
+        data = load_run_data(run.config, device=resolved)
+        model = run.model(device=resolved)
     batches = _batches(data.dataset.x_train, data.train_labels, examples, HESSIAN_BATCH, resolved)
     size = min(micro_batch_size, examples, HESSIAN_BATCH)
     report = flatness_report(model, make_loss_fn(0.0), batches, k=k, seed=seed, micro_batch_size=size)
     report = {key: (value.tolist() if isinstance(value, Tensor) else value) for key, value in report.items()}
-    report.update({"run": str(run.path), "examples": min(examples, data.dataset.x_train.shape[0]), "seed": seed})
-    write_json(run.path / "sharpness.json", report)
+    examples = min(examples, data.dataset.x_train.shape[0])
+    report.update({"run": str(run.path), "weights": weights, "examples": examples, "seed": seed})
+    if write:
+        write_sharpness(report)
     return report
+
+
+def write_sharpness(report: dict[str, Any]) -> Path:
+    """RUN/sharpness.json of ``run_sharpness``'s report."""
+    from samkit.experiments.files import write_json
+
+    path = Path(report["run"]) / "sharpness.json"
+    write_json(path, report)
+    return path
 
 
 def run_landscape(
@@ -104,14 +126,20 @@ def run_landscape(
 ) -> Path:
     """2-D loss landscape of a saved run's model (filter-normalised directions) -> RUN/landscape.png."""
     from samkit.experiments.inputs import load_run_data
-    from samkit.experiments.runs import open_run
+    from samkit.experiments.runs import open_run, trained_weights
     from samkit.experiments.steps import make_loss_fn
     from samkit.sharpness import loss_landscape
+    from samkit.sharpness.checks import check_int, check_positive_float
 
-    run = open_run(run_path)
-    resolved = torch.device(device)
-    data = load_run_data(run.config, device=resolved)
-    model = run.model(device=resolved)
+    with checking():  # the options, a missing, foreign or diverged run, its data: bad input (exit 2)
+        check_int("examples", examples, minimum=1)
+        check_int("steps", steps, minimum=3)
+        check_positive_float("span", span)
+        run = open_run(run_path)
+        trained_weights(run, "landscape")
+        resolved = resolve_device(device)  # "auto", or a clear error when CUDA is asked for and missing
+        data = load_run_data(run.config, device=resolved)
+        model = run.model(device=resolved)
     batches = _batches(data.dataset.x_train, data.train_labels, examples, HESSIAN_BATCH, resolved)
     landscape = loss_landscape(model, make_loss_fn(0.0), batches, dims=2, steps=steps, span=span, seed=seed)
     path = run.path / "landscape.png"

@@ -11,7 +11,8 @@
     cost            -> passes per step (counted by the optimizer) and training seconds per step, both as
                        ratios to SGD's (the same runs' means)
     share of SAM's gain -> mean(Δ_method) / mean(Δ_SAM) over the seeds where SGD, SAM and the method are all ok
-                       (Δ = error − SGD's error, paired by seed), with a percentile-bootstrap interval over seeds
+                       (Δ = error − SGD's error, paired by seed), with a percentile-bootstrap interval over seeds;
+                       "undefined" when SAM's own Δ is 0 or its 95 % CI includes 0 (no gain to take a share of)
 
 Rows are plain dicts (one per run) with at least: optimizer (the --optimizers entry the run belongs to), lr,
 rho, seed, status, status_reason, test_error, val_accuracy, run (a label), so the table can be rebuilt from
@@ -119,6 +120,16 @@ def paired_difference(rows: Sequence[Row], baseline: Sequence[Row]) -> MeanCI:
     return mean_ci([r["test_error"] - base[r["seed"]] for r in _ok(rows) if r["seed"] in base])
 
 
+UNDEFINED_SHARE = "undefined"
+
+
+def gain_is_defined(sam_delta: MeanCI) -> bool:
+    """Whether SAM's Δ vs the baseline is a gain (or loss) at all: nonzero, and its 95 % CI excludes 0."""
+    if sam_delta.n == 0 or sam_delta.mean == 0:
+        return False
+    return math.isnan(sam_delta.half_width) or abs(sam_delta.mean) > sam_delta.half_width
+
+
 def share_of_gain(rows: Sequence[Row], sam: Sequence[Row], baseline: Sequence[Row]) -> RatioCI:
     """mean(error − baseline error) / mean(SAM's error − baseline error), paired by seed (all three ok)."""
     base = {r["seed"]: r["test_error"] for r in _ok(baseline)}
@@ -149,14 +160,19 @@ def summary_table(
     if baseline is None:
         baseline = _find(groups, "sgd") or next(iter(groups), None)
     sam = _find(groups, "sam")
+    sam_gain = sam is not None and baseline is not None and sam != baseline
+    sam_gain = sam_gain and gain_is_defined(paired_difference(groups[sam], groups[baseline]))
     base_passes = _mean_of(groups[baseline], "passes_per_step") if baseline else None
     base_seconds = _mean_of(groups[baseline], "seconds_per_step") if baseline else None
     table = []
     for optimizer, mine in groups.items():
         ok = _ok(mine)
-        share = None
+        share, share_note = None, None
         if sam is not None and optimizer not in (baseline, sam):
-            share = share_of_gain(mine, groups[sam], groups[baseline])
+            if sam_gain:
+                share = share_of_gain(mine, groups[sam], groups[baseline])
+            else:
+                share_note = UNDEFINED_SHARE
         table.append(
             {
                 "optimizer": optimizer,
@@ -164,6 +180,7 @@ def summary_table(
                 "error": mean_ci([r["test_error"] for r in ok]),
                 "delta": None if optimizer == baseline else paired_difference(mine, groups[baseline]),
                 "share": share,
+                "share_note": share_note,  # "undefined" when SAM has no gain to share (gain_is_defined)
                 "passes": _ratio(_mean_of(mine, "passes_per_step"), base_passes),
                 "extra_forwards": _mean_of(mine, "extra_forwards_per_step") or 0.0,
                 "time": (
@@ -256,7 +273,7 @@ def render_markdown(
         delta = "—" if line["delta"] is None else line["delta"].format(scale=100)
         if line["delta"] is not None and line["delta"].n:
             delta = ("+" if line["delta"].mean > 0 else "") + delta
-        share = "—" if line["share"] is None else line["share"].format(scale=100)
+        share = (line["share_note"] or "—") if line["share"] is None else line["share"].format(scale=100)
         passes = "—" if line["passes"] is None else f"{line['passes']:.2f}"
         if line["extra_forwards"]:
             passes += f" + {line['extra_forwards']:.2f} fwd"
@@ -273,7 +290,8 @@ def render_markdown(
         f"Δ: per-seed difference to {baseline} (same seed = same initialisation and data order), mean ± 95 % CI; "
         "negative is better. Share of SAM's gain: mean Δ of the method / mean Δ of SAM, over the seeds where "
         "both ran ok, with a 95 % percentile-bootstrap interval over the seeds (rough with few seeds; over 100 "
-        "means more than SAM's gain). Passes: forward-backward passes per step over the whole batch, counted by "
+        "means more than SAM's gain; undefined when SAM's own Δ is 0 or its 95 % CI includes 0, as a share of "
+        "no gain means nothing). Passes: forward-backward passes per step over the whole batch, counted by "
         f"the optimizer, relative to {baseline}'s one (+ fwd: extra forwards without backward, MESA's EMA "
         "model). Time: "
         + (
@@ -341,7 +359,7 @@ def console_table(rows: Sequence[Row], *, timing: Optional[dict[str, float]] = N
             line["label"],
             line["error"].format(scale=100) if line["ok"] else "all failed",
             "—" if line["delta"] is None else line["delta"].format(scale=100),
-            "—" if line["share"] is None else line["share"].format(scale=100),
+            (line["share_note"] or "—") if line["share"] is None else line["share"].format(scale=100),
             "—" if line["passes"] is None else f"{line['passes']:.2f}",
             "—" if line["time"] is None else f"{line['time']:.2f}x",
             f"{line['ok']}/{line['total']}",

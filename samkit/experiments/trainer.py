@@ -1,8 +1,9 @@
 """``train``: one run from a ``TrainConfig`` to a folder of results, resumable to the bit.
 
-    check config and DIR (rundir)          -> refuse before any work
+    check config and DIR (rundir)          -> refuse before any work (UsageError)
     data, labels = load_run_data(config)   (label noise / bootstrap; the flips -> DIR/label_noise.json)
     torch.manual_seed(seed); model = build_model(...) (+ --init-from weights); optimizer = build_optimizer
+    (every check has passed) lock DIR; remove stale temporary files; --overwrite deletes the old run
     resume: load model, optimizer, scaler, RNG states, metrics from DIR/checkpoint.pt
     for epoch in remaining epochs:
         order = randperm(n_train, generator(seed, epoch))           # the same on every rank and on resume
@@ -20,11 +21,15 @@ training examples against the labels trained on (noisy ones under --label-noise)
 of the training objective over the epoch's steps (with smoothing/mixup), as sam_step returns it.
 
 Ctrl-C stops at once and leaves checkpoint.pt at the last completed epoch (it is only ever replaced
-atomically); ``--resume`` continues from there and ends with the weights of an uninterrupted run.
+atomically, and Ctrl-C during its write waits for the write to end); ``--resume`` continues from there and ends
+with the weights of an uninterrupted run, under the world size and thread count the run was started with.
+A write that fails (disk full, read-only folder) raises ``OutputError`` naming the file and the epoch that
+checkpoint.pt holds.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import time
 from pathlib import Path
@@ -39,26 +44,33 @@ from tqdm.auto import tqdm
 from samkit.experiments import distributed, plots, rundir
 from samkit.experiments.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from samkit.experiments.config import TrainConfig
-from samkit.experiments.files import read_json, write_json, write_jsonl
+from samkit.experiments.errors import OutputError, checking
+from samkit.experiments.files import interrupts_held, read_json, write_json, write_jsonl
 from samkit.experiments.inputs import RunData, label_noise_record, load_run_data
 from samkit.experiments.metrics import evaluate
 from samkit.experiments.optimizers import build_optimizer
 from samkit.experiments.schedule import set_learning_rate
-from samkit.experiments.status import DIVERGED, classify_run
+from samkit.experiments.status import classify_run
 from samkit.experiments.steps import make_loss_fn, make_scaler, train_step
 
 TRAIN_EVAL_EXAMPLES = 2000
+# errors of a write that the user can fix (space, permissions, a read-only or failing disk): reported, not traced
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
 ORDER_STREAM, AUGMENT_STREAM, MIXUP_STREAM = 0, 1, 2
 
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; ``checkpoint_epoch`` is the epoch that checkpoint.pt holds."""
 
-    def __init__(self, out: Path, checkpoint_epoch: int):
-        super().__init__(
-            f"interrupted; {out / rundir.CHECKPOINT} holds epoch {checkpoint_epoch}: "
-            "run the same command with --resume to continue"
-        )
+    def __init__(self, out: Path, checkpoint_epoch: Optional[int]):
+        if checkpoint_epoch is None:
+            message = f"interrupted before {out / rundir.CHECKPOINT} was written: run the same command with --overwrite"
+        else:
+            message = (
+                f"interrupted; {out / rundir.CHECKPOINT} holds epoch {checkpoint_epoch}: "
+                "run the same command with --resume to continue"
+            )
+        super().__init__(message)
         self.checkpoint_epoch = checkpoint_epoch
 
 
@@ -108,15 +120,19 @@ def train(
 
     ``plot=False`` skips the PNGs (``compare`` draws its own, and matplotlib costs ~1 s a figure).
 
-    Raises ValueError (bad option, or DIR refused) before any training, ``TrainingInterrupted`` on Ctrl-C.
+    Raises UsageError (a ValueError: bad option, data, or DIR refused) before anything in DIR is changed,
+    ``TrainingInterrupted`` on Ctrl-C, ``OutputError`` when a file cannot be written.
     Under ``torchrun`` every rank calls this; rank 0 writes the files and every rank returns the summary.
     """
-    config = config.resolved()
-    check_names(config)
-    context = distributed.setup(device)
+    with checking():
+        config = config.resolved()
+        check_names(config)
+        context = distributed.setup(device)
+    training = _Training(config, Path(out), context, quiet=quiet, plot=plot)
     try:
-        return _Training(config, Path(out), context, quiet=quiet, plot=plot).run(resume=resume, overwrite=overwrite)
+        return training.run(resume=resume, overwrite=overwrite)
     finally:
+        training.release()
         distributed.teardown(context)
 
 
@@ -131,6 +147,10 @@ class _Training:
         self.train_seconds = 0.0  # the training steps alone (no evaluation): the cost a method is compared by
         self.term = None  # MESA's or SAF's trajectory term (experiments/trajectory.py), for those methods
         self.lr = config.lr  # the learning rate of the last step taken
+        self.saved_epoch: Optional[int] = None  # the epoch checkpoint.pt holds (None: none written by this run)
+        self.lock: Optional[rundir.RunLock] = None
+        # what changes the numbers besides the config (rundir.check_runtime): recorded, and checked on resume
+        self.runtime = rundir.runtime_record(world_size=context.world_size, threads=torch.get_num_threads())
 
     # ---------------------------------------------------------------------------------------------------- setup
 
@@ -138,19 +158,53 @@ class _Training:
         if self.context.is_main and not self.quiet:
             tqdm.write(message)
 
-    def _prepare_dir(self, *, resume: bool, overwrite: bool) -> Optional[Path]:
-        error, checkpoint = "", None
+    def _inspect(self, *, resume: bool, overwrite: bool) -> rundir.Plan:
+        return rundir.inspect_run_dir(
+            self.out,
+            self.config.to_dict(),
+            self.runtime,
+            resume=resume,
+            overwrite=overwrite,
+            cpu=self.device.type == "cpu",
+        )
+
+    def _on_main(self, action) -> str:
+        """``action()`` (returning a string) on rank 0; its RunDirError stops every rank with rank 0's message.
+        Returns rank 0's string on every rank."""
+        error, result = "", ""
         if self.context.is_main:
             try:
-                checkpoint = rundir.prepare_run_dir(self.out, self.config.to_dict(), resume=resume, overwrite=overwrite)
-            except ValueError as refused:
+                result = action()
+            except rundir.RunDirError as refused:
                 error = str(refused)
-        error = self.context.broadcast_error(error)
+        error = self.context.broadcast_error(error)  # broadcasts any string from rank 0
         if error:
             raise rundir.RunDirError(error)
+        return self.context.broadcast_error(result)
+
+    def _claim(self, plan: rundir.Plan, *, resume: bool, overwrite: bool) -> None:
+        """Every check has passed: lock DIR, check it is as inspected, remove stale temporary files, and with
+        --overwrite the old run."""
+
+        def claim() -> str:
+            self.lock = rundir.RunLock.acquire(self.out)
+            again = self._inspect(resume=resume, overwrite=overwrite)
+            if again.action != plan.action:
+                raise rundir.RunDirError(
+                    f"{self.out} changed while this command started (another command wrote it): run it again"
+                )
+            removed = rundir.apply_plan(self.out, plan)
+            return ", ".join(removed)
+
+        removed = self._on_main(claim)
+        if removed:
+            self._say(f"removed from {self.out}: {removed}")
         self.context.barrier()
-        path = self.out / rundir.CHECKPOINT
-        return path if (resume and path.exists()) else checkpoint
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _check_batches(self, n_train: int) -> None:
         config, world = self.config, self.context.world_size
@@ -187,28 +241,32 @@ class _Training:
 
     def _checkpoint(self, model: nn.Module, optimizer, scaler, data: RunData) -> None:
         if not self.context.is_main:
+            self.saved_epoch = self.epoch
             return
-        save_checkpoint(
-            self.out / rundir.CHECKPOINT,
-            {
-                "config": self.config.to_dict(),
-                "model_shape": data.model_shape,
-                "epoch": self.epoch,
-                "step": self.step,
-                "wall_seconds": self.wall_seconds,
-                "train_seconds": self.train_seconds,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "trajectory": self.term.state_dict() if self.term is not None else None,
-                "metrics": self.metrics,
-                "train_labels": data.train_labels,
-                "world_size": self.context.world_size,
-            },
-        )
+        with interrupts_held():  # a Ctrl-C during the write lands after it, with saved_epoch telling the truth
+            save_checkpoint(
+                self.out / rundir.CHECKPOINT,
+                {
+                    "config": self.config.to_dict(),
+                    "model_shape": data.model_shape,
+                    "epoch": self.epoch,
+                    "step": self.step,
+                    "wall_seconds": self.wall_seconds,
+                    "train_seconds": self.train_seconds,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "trajectory": self.term.state_dict() if self.term is not None else None,
+                    "metrics": self.metrics,
+                    "train_labels": data.train_labels,
+                    **self.runtime,
+                },
+            )
+            self.saved_epoch = self.epoch
 
     def _restore(self, path: Path, model: nn.Module, optimizer, scaler, data: RunData) -> None:
         payload = load_checkpoint(path, map_location=self.device)
+        rundir.check_runtime(self.out, payload, self.runtime, cpu=self.device.type == "cpu")
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         if scaler is not None and payload["scaler"] is not None:
@@ -216,6 +274,7 @@ class _Training:
         if self.term is not None:
             self.term.load_state_dict(payload["trajectory"])
         self.epoch, self.step = int(payload["epoch"]), int(payload["step"])
+        self.saved_epoch = self.epoch
         self.wall_seconds = float(payload["wall_seconds"])
         self.train_seconds = float(payload.get("train_seconds", 0.0))
         self.metrics = list(payload["metrics"])
@@ -228,43 +287,68 @@ class _Training:
     def run(self, *, resume: bool, overwrite: bool) -> dict[str, Any]:
         started = time.perf_counter()
         config = self.config
-        resume_from = self._prepare_dir(resume=resume, overwrite=overwrite)
-        # a finished run is read back, with or without its checkpoint (committed results keep config, metrics and
-        # summary only); prepare_run_dir has checked that its config is this one
-        if resume and (self.out / rundir.CONFIG).exists() and (self.out / rundir.SUMMARY).exists():
-            finished = read_json(self.out / rundir.SUMMARY)
-            if finished.get("epochs_completed") == config.epochs or finished.get("status") == DIVERGED:
-                self._say(f"{self.out} is already finished")
-                return finished
-        data = load_run_data(config, device=self.device)
-        self._check_batches(data.train_labels.shape[0])
-        model = self._build_model(data)
-        if config.trajectory_loss is not None:
-            from samkit.experiments.trajectory import build_term
+        action = self._on_main(lambda: self._inspect(resume=resume, overwrite=overwrite).action)
+        if action == rundir.FINISHED:
+            # read back, with or without its checkpoint (committed results keep config, metrics and summary only);
+            # its config is this one, and its results are never rewritten
+            self._say(f"{self.out} is already finished")
+            return read_json(self.out / rundir.SUMMARY)
+        with checking():  # every check before anything in DIR changes (--overwrite deletes only after them)
+            data = load_run_data(config, device=self.device)
+            self._check_batches(data.train_labels.shape[0])
+            model = self._build_model(data)
+            if config.trajectory_loss is not None:
+                from samkit.experiments.trajectory import build_term
 
-            self.term = build_term(
-                config.trajectory_loss,
-                dict(config.options or {}),
-                model=model,
-                base_loss=make_loss_fn(config.label_smoothing),
-                num_examples=data.train_labels.shape[0],
-                num_classes=data.dataset.num_classes,
-                distributed=self.context.distributed,
+                self.term = build_term(
+                    config.trajectory_loss,
+                    dict(config.options or {}),
+                    model=model,
+                    base_loss=make_loss_fn(config.label_smoothing),
+                    num_examples=data.train_labels.shape[0],
+                    num_classes=data.dataset.num_classes,
+                    distributed=self.context.distributed,
+                )
+            total_steps = (data.train_labels.shape[0] // config.batch_size) * config.epochs
+            optimizer = build_optimizer(model, config, total_steps=total_steps)
+            scaler = make_scaler(config, self.device)
+        plan = rundir.Plan(action, self.out / rundir.CHECKPOINT if action == rundir.RESUME else None)
+        self._claim(plan, resume=resume, overwrite=overwrite)
+        try:
+            return self._train(plan, model, optimizer, scaler, data, started)
+        except KeyboardInterrupt as interrupt:
+            raise TrainingInterrupted(self.out, self.saved_epoch) from interrupt
+        except OSError as error:
+            if error.errno not in WRITE_ERRNOS:
+                raise
+            raise OutputError(self._write_failed(error)) from error
+
+    def _write_failed(self, error: OSError) -> str:
+        where = error.filename or self.out
+        if self.saved_epoch is None:
+            state = "no checkpoint was written: fix that, then run the same command with --overwrite"
+        else:
+            state = (
+                f"{self.out / rundir.CHECKPOINT} holds epoch {self.saved_epoch} and is whole: fix that, then run the "
+                "same command with --resume"
             )
-        total_steps = (data.train_labels.shape[0] // config.batch_size) * config.epochs
-        optimizer = build_optimizer(model, config, total_steps=total_steps)
-        scaler = make_scaler(config, self.device)
+        return f"cannot write {where}: {error.strerror}; {state}"
+
+    def _train(self, plan: rundir.Plan, model: nn.Module, optimizer, scaler, data: RunData, started: float):
+        config = self.config
         if self.device.type == "cuda":
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        if resume_from is not None:
-            self._restore(resume_from, model, optimizer, scaler, data)
+        if plan.action == rundir.RESUME:
+            self._restore(self.out / rundir.CHECKPOINT, model, optimizer, scaler, data)
         elif self.context.is_main:
-            write_json(self.out / rundir.CONFIG, config.to_dict())
+            write_json(self.out / rundir.CONFIG, {**config.to_dict(), **self.runtime})
             record = label_noise_record(data, data_seed=config.data_seed)
             if record is not None:
                 write_json(self.out / rundir.LABEL_NOISE, record)
             self._checkpoint(model, optimizer, scaler, data)  # Ctrl-C in epoch 1 still leaves a valid checkpoint
             write_jsonl(self.out / rundir.METRICS, [])
+        else:
+            self.saved_epoch = 0
         wrapped = model
         if self.context.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -272,27 +356,24 @@ class _Training:
 
         diverged = False
         self.wall_seconds += time.perf_counter() - started
-        try:
-            while self.epoch < config.epochs and not diverged:
-                epoch_started = time.perf_counter()
-                trained_before = self.train_seconds
-                _set_mode(optimizer, training=True)  # Momentum-SAM: back to its ascent point (others: nothing)
-                train_loss = self._train_epoch(wrapped, optimizer, scaler, data)
-                _set_mode(optimizer, training=False)  # evaluation and the checkpoint see the weights w
-                diverged = not math.isfinite(train_loss)
-                row = self._evaluate_epoch(model, data, train_loss)
-                self.epoch += 1
-                self.wall_seconds += time.perf_counter() - epoch_started
-                row["seconds"] = time.perf_counter() - epoch_started
-                row["train_seconds"] = self.train_seconds - trained_before
-                self.metrics.append(row)
-                if self.context.is_main:
-                    write_jsonl(self.out / rundir.METRICS, self.metrics)
-                    if not diverged:
-                        self._checkpoint(model, optimizer, scaler, data)
-                self._say(_epoch_line(row, config.epochs))
-        except KeyboardInterrupt as interrupt:
-            raise TrainingInterrupted(self.out, self.epoch) from interrupt
+        while self.epoch < config.epochs and not diverged:
+            epoch_started = time.perf_counter()
+            trained_before = self.train_seconds
+            _set_mode(optimizer, training=True)  # Momentum-SAM: back to its ascent point (others: nothing)
+            train_loss = self._train_epoch(wrapped, optimizer, scaler, data)
+            _set_mode(optimizer, training=False)  # evaluation and the checkpoint see the weights w
+            diverged = not math.isfinite(train_loss)
+            row = self._evaluate_epoch(model, data, train_loss)
+            self.epoch += 1
+            self.wall_seconds += time.perf_counter() - epoch_started
+            row["seconds"] = time.perf_counter() - epoch_started
+            row["train_seconds"] = self.train_seconds - trained_before
+            self.metrics.append(row)
+            if self.context.is_main:
+                write_jsonl(self.out / rundir.METRICS, self.metrics)
+                if not diverged:
+                    self._checkpoint(model, optimizer, scaler, data)
+            self._say(_epoch_line(row, config.epochs))
         return self._finish(model, data, optimizer)
 
     def _train_epoch(self, model: nn.Module, optimizer, scaler, data: RunData) -> float:
@@ -432,7 +513,7 @@ class _Training:
             "status_reason": reason,
             "prediction_counts": test.prediction_counts,
             "wall_seconds": self.wall_seconds,
-            "world_size": self.context.world_size,
+            **self.runtime,
             "device": str(self.device),
             "torch": torch.__version__,
         }

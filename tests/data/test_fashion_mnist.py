@@ -48,8 +48,7 @@ def test_search_order_data_dir_then_env_then_system(isolated, monkeypatch, tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the named folder is used: nothing to warn about
         assert load_dataset("fashion-mnist", data_dir=tmp_path / "given").x_train.shape[0] == 11
-    with pytest.warns(UserWarning, match=r"--data-dir .*empty.* holds no complete Fashion-MNIST.*using .*env"):
-        assert load_dataset("fashion-mnist", data_dir=tmp_path / "empty").x_train.shape[0] == 12
+    assert load_dataset("fashion-mnist").x_train.shape[0] == 12  # no --data-dir: $SAMKIT_DATA first
     monkeypatch.delenv("SAMKIT_DATA")
     assert load_dataset("fashion-mnist").x_train.shape[0] == 13
     assert isolated == []  # no download attempted
@@ -75,10 +74,10 @@ def test_loaded_values_match_the_files(isolated, tmp_path, write_fake_fashion):
 
 def test_offline_error_says_how_to_get_it(isolated, tmp_path):
     with pytest.raises(DatasetNotFoundError) as info:
-        load_dataset("fashion-mnist", data_dir=tmp_path / "nowhere")
+        load_dataset("fashion-mnist")
     message = str(info.value)
     for needle in ("apt-get install dataset-fashion-mnist", fm.FASHION_URLS[0], "--data-dir", "SAMKIT_DATA",
-                   str(tmp_path / "nowhere"), "no network in this test"):
+                   str(tmp_path / "system"), "no network in this test"):
         assert needle in message
     assert isolated and all(timeout == fm.DOWNLOAD_TIMEOUT_S == 10.0 for _, timeout in isolated)
 
@@ -169,3 +168,27 @@ def test_download_keeps_verified_files_and_fetches_only_the_rest(isolated, monke
     monkeypatch.setattr(fm, "urlopen", fake_urlopen)
     assert load_dataset("fashion-mnist").x_test.shape[0] == 6
     assert sorted(fetched) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+
+
+def test_a_data_dir_without_the_four_files_is_an_error_naming_the_missing_ones(isolated, tmp_path, write_fake_fashion):
+    # another complete copy is on the search path: the run must not train on it while its config names the folder
+    write_fake_fashion(tmp_path / "system", n_train=13)
+    partial = tmp_path / "partial"
+    write_fake_fashion(partial)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (partial / name).unlink()
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("fashion-mnist", data_dir=partial)
+    message = str(info.value)
+    assert f"--data-dir {str(partial)!r} holds 2 of the 4 Fashion-MNIST files" in message
+    assert "missing: t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte" in message
+    with pytest.raises(DatasetNotFoundError, match=r"--data-dir '.*nowhere' does not exist; missing: train-images"):
+        load_dataset("fashion-mnist", data_dir=tmp_path / "nowhere")
+    assert load_dataset("fashion-mnist").x_train.shape[0] == 13  # without --data-dir the search goes on
+
+
+def test_swapped_train_and_test_files_are_refused(isolated, tmp_path, write_fake_fashion):
+    folder = tmp_path / "d"
+    write_fake_fashion(folder, n_train=6, n_test=12)  # the t10k files hold the larger set
+    with pytest.raises(ValueError, match=r"holds 6 images and .*t10k-images.* 12: .* look swapped"):
+        load_dataset("fashion-mnist", data_dir=folder)

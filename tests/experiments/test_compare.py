@@ -62,3 +62,13 @@ def test_compare_writes_the_report_and_reuses_finished_runs(tmp_path):
     )
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/checkpoint.pt")} == stamps  # nothing retrained
     assert [r["test_error"] for r in again.rows] == [float(r["test_error"]) for r in rows]
+
+
+def test_titles_name_the_methods_that_ran_and_those_that_failed():
+    from samkit.experiments.compare import _title
+
+    base = TrainConfig(data="digits", label_noise=0.4)
+    rows = [{"optimizer": "sgd", "status": "ok"}, {"optimizer": "sam", "status": "ok"}]
+    rows += [{"optimizer": "msam", "status": status} for status in ("diverged", "collapsed")]
+    title = _title(base, ["sgd", "sam", "msam"], rows)
+    assert title == "SGD, SAM on digits with 40% label noise (mSAM: no run ended ok)"

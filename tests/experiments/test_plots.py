@@ -22,3 +22,13 @@ def test_run_plots_have_whole_epoch_ticks(tmp_path, monkeypatch, draw):
         low, high = axis.get_xlim()
         ticks = [t for t in axis.get_xticks() if low <= t <= high]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_the_error_bar_chart_says_its_bars_are_95_percent_intervals(tmp_path, monkeypatch):
+    figures = []
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure) or real_save(figure, path))
+    rows = [{"label": "SGD", "mean": 10.0, "half_width": 1.0}, {"label": "SAM", "mean": 9.0, "half_width": 0.5}]
+    plots.error_bars(rows, tmp_path / "bars.png", title="SGD, SAM on digits: test error")
+    axis = figures[0].axes[0]
+    assert "95 % CI" in axis.get_ylabel() and axis.get_title() == "SGD, SAM on digits: test error"

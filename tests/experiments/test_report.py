@@ -72,3 +72,27 @@ def test_table_excludes_failed_runs_and_pairs_the_difference_by_seed():
 def test_an_optimizer_whose_runs_all_failed_says_so():
     rows = [row("sgd", 0, 0.1), row("sam", 0, float("nan"), rho=0.05, status="diverged", reason="non-finite loss")]
     assert "| SAM | all runs failed |" in render_markdown(rows, title="t", setting="s")
+
+
+def test_the_share_of_sams_gain_is_undefined_when_sams_own_gain_may_be_zero():
+    from samkit.experiments.report import console_table
+
+    sgd = [0.100, 0.100, 0.100]
+    method = [0.090, 0.092, 0.091]
+    # SAM's per-seed differences to SGD: +0.002, -0.003, +0.0015: mean ≈ 0.00017, and its 95 % CI includes 0
+    flat_sam = [0.102, 0.097, 0.1015]
+    rows = [row("sgd", s, e) for s, e in enumerate(sgd)]
+    rows += [row("looksam", s, e) for s, e in enumerate(method)]
+    rows += [row("sam", s, e, rho=0.05) for s, e in enumerate(flat_sam)]
+    table = {line["optimizer"]: line for line in summary_table(rows)}
+    assert table["looksam"]["share"] is None and table["looksam"]["share_note"] == "undefined"
+    markdown = render_markdown(rows, title="t", setting="s")
+    assert "| LookSAM | 9.10 ± " in markdown and " | undefined | " in markdown
+    assert "undefined when SAM's own Δ is 0 or its 95 % CI includes 0" in markdown
+    (looksam_line,) = [line for line in console_table(rows).splitlines() if line.startswith("LookSAM")]
+    assert "undefined" in looksam_line
+    # a clear gain: the share is the ratio of the mean differences, 9 / 10
+    clear_sam = [0.090, 0.090, 0.090]
+    rows = [r for r in rows if r["optimizer"] != "sam"] + [row("sam", s, e, rho=0.05) for s, e in enumerate(clear_sam)]
+    share = {line["optimizer"]: line for line in summary_table(rows)}["looksam"]["share"]
+    assert share.value == pytest.approx(0.009 / 0.010, rel=1e-9)
