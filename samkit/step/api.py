@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from samkit.optim.sam import SAM
-from samkit.step.common import Precision, all_finite, is_ddp, skip_step
+from samkit.step.common import Precision, all_finite, is_ddp, is_fsdp, skip_step
 from samkit.step.loop import loop_step_gradients
 from samkit.step.selective import selective_step_gradients, selects_examples
 
@@ -172,7 +172,32 @@ def _check_arguments(optimizer, model, inputs, targets, k, perturbation, backend
             f"the batch has {len(inputs)} examples, fewer than micro_batches={k}: use a larger batch or fewer "
             "micro-batches"
         )
+    if is_fsdp(model):
+        _check_fsdp(optimizer, perturbation, backend)
     if max_grad_norm is not None and not (max_grad_norm > 0):
         raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}")
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+
+
+def _check_fsdp(optimizer, perturbation, backend) -> None:
+    """What FSDP2 (``fully_shard``) cannot give, refused with the reason (docs/fsdp.md)."""
+    if perturbation == "per_micro_batch":
+        raise ValueError(
+            "perturbation='per_micro_batch' under FSDP2: the ranks hold one sharded copy of the weights and every "
+            "forward all-gathers it from all of them, so a rank cannot sit at its own w + ε̂ and each replica (or "
+            "micro-batch) cannot perturb with its own gradient, as it does under DDP. Use perturbation='shared' "
+            "(one ε̂ from the global batch's gradient: SAM on the global batch), or DDP for per-replica m-sharpness"
+        )
+    if backend == "vmap":
+        raise ValueError(
+            "backend='vmap' does not support FSDP2: torch.func.functional_call bypasses the all-gather of the "
+            "sharded parameters; use backend='loop'"
+        )
+    if selects_examples(optimizer):
+        raise ValueError(
+            f"{type(optimizer).__name__} under FSDP2: it ranks the examples of the batch by their losses, and with "
+            "perturbation='shared' (the only mode FSDP2 allows) the ranking must run over the global batch, which "
+            "is split over the ranks; a rank-local ranking would select other examples than one process. Use DDP "
+            "(each replica ranks its own examples) or one process"
+        )
