@@ -6,7 +6,8 @@
     samkit sharpness RUN
     samkit landscape RUN
 
-Data-parallel: ``torchrun --nproc_per_node N -m samkit train ...``. Exit codes: 0 done, 2 bad input
+Data-parallel: ``torchrun --nproc_per_node N -m samkit train ...`` (add ``--fsdp`` to shard the model with FSDP2,
+docs/fsdp.md). Exit codes: 0 done, 2 bad input
 (the message names the value and the fix), 130 interrupted (the checkpoint is valid: rerun with --resume).
 """
 
@@ -208,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path, metavar="DIR")
     train.add_argument("--resume", action="store_true", help="continue the run in DIR from its checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace the run in DIR")
+    train.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model with FSDP2 instead of replicating it (DDP); the SAM family's "
+        "perturbation then comes from the global batch (docs/fsdp.md)",
+    )
     train.add_argument("--init-from", metavar="RUN", help="start from a saved run's weights (new head if needed)")
     train.add_argument("--bootstrap-from", metavar="RUN", help="train on the labels RUN predicts (bootstrap)")
     _add_training_options(train)
@@ -276,7 +283,13 @@ def _run_train(args: argparse.Namespace) -> int:
         **_given_fields(args),
     )
     summary = train(
-        config, args.out, device=args.device, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet
+        config,
+        args.out,
+        device=args.device,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        fsdp=args.fsdp,
     )
     if not args.quiet and is_main_process():  # under torchrun every rank returns here; rank 0 wrote the files
         print(f"summary: {args.out / 'summary.json'}")
