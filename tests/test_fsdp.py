@@ -113,7 +113,11 @@ def _norm_case(mesh, options: dict, foreach: bool):
 def _two_step_case(options: dict, foreach: bool, per_layer: bool, x, y) -> torch.Tensor:
     model = _sharded(mlp(), per_layer=per_layer)
     assert all(isinstance(p, DTensor) for p in model.parameters())
-    _two_step(model, SAM(model.parameters(), torch.optim.SGD, foreach=foreach, **options, **SGD), x, y)
+    opt = SAM(model.parameters(), torch.optim.SGD, foreach=foreach, **options, **SGD)
+    _two_step(model, opt, x, y)
+    # the buffers that hold w are kept per parameter, though each step's local shards are new tensor objects
+    kept = len(opt._step.buffers)
+    assert kept == len(list(model.parameters())), f"{kept} saved-weight buffers after {STEPS} steps"
     return _full(model)
 
 

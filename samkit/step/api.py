@@ -19,6 +19,9 @@ one-pass step of LookSAM, RST, AE-SAM, late-phase SAM or ``interval`` costs one 
 A note on names: the SAM paper's m is the micro-batch SIZE (m = N / k per replica); ``micro_batches`` here is
 the COUNT k. Smaller m (larger k) is the stronger regulariser (their Fig. 3). Under DDP every replica perturbs
 with its own gradient, so R replicas x k micro-batches give m = N_global / (R k).
+
+Under FSDP2 (``fully_shard``) the ranks share one sharded copy of the weights, so they cannot each perturb with
+their own gradient: ``perturbation="shared"`` is required, and ε̂ is the global batch's (docs/fsdp.md).
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ def sam_step(
     Args:
         optimizer: a ``samkit.SAM`` or any optimizer of its family (``samkit.GSAM``, ``samkit.LookSAM``, ...).
             Its rule decides which steps perturb: one-pass steps are one forward-backward.
-        model: the module (or a ``DistributedDataParallel`` wrapping it) called as ``model(inputs)``.
+        model: the module (or a ``DistributedDataParallel`` wrapping it, or a module ``fully_shard`` has sharded)
+            called as ``model(inputs)``.
         loss_fn: ``loss_fn(outputs, targets)`` returning the MEAN loss over the (micro-)batch, or one loss per
             example (``reduction="none"``, shape [len(batch)]), which is averaged. An optimizer that selects
             examples by their losses (ESAM, K-SAM: ``samkit.step.selective``) needs the
