@@ -34,6 +34,7 @@ TWO_STEP = {
     "sam-p3": dict(rho=0.1, p=3.0),
 }
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+CLIP = 0.05  # max_grad_norm: well below the gradient's norm, so that every step is clipped
 # sam_step under FSDP2: every family member that FSDP2 can run, in shared mode
 REFUSED = {"esam", "ksam"}  # they rank the examples of the global batch, which no rank holds
 SAM_STEP = sorted(set(FAMILY) - REFUSED)
@@ -129,6 +130,29 @@ def _sam_step_case(name: str, k: int, x, y) -> torch.Tensor:
     return _full(model)
 
 
+def _clipped_case(x, y) -> torch.Tensor:
+    model = _sharded(mlp())
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.5)
+    for _ in range(STEPS):
+        sam_step(opt, model, loss_fn, x, y, perturbation="shared", max_grad_norm=CLIP)
+    return _full(model)
+
+
+def _closure_case(x, y) -> torch.Tensor:
+    model = _sharded(mlp())
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.5)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(STEPS):
+        opt.step(closure)
+    return _full(model)
+
+
 def _attempt(call):
     """The case's result, or its error as text (every case runs, each test fails on its own)."""
     try:
@@ -155,6 +179,9 @@ def _cases(rank: int) -> dict:
     for name in SAM_STEP:
         for k in MICRO_BATCHES.get(name, (1,)):
             results[f"sam-step-{name}-{k}"] = _attempt(lambda: _sam_step_case(name, k, x[half], y[half]))  # noqa: B023
+
+    results["clipped"] = _attempt(lambda: _clipped_case(x[half], y[half]))
+    results["closure"] = _attempt(lambda: _closure_case(x[half], y[half]))
 
     model = _sharded(mlp())
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
@@ -253,6 +280,21 @@ def test_sam_step_equals_one_process_for_every_member_fsdp2_can_run(ranks):
                 assert isinstance(ranks[0][key], torch.Tensor), ranks[0][key]  # else the error it raised
                 assert torch.equal(ranks[0][key], ranks[1][key]), key
                 assert (ranks[0][key] - _plain(model)).abs().max().item() <= TOLERANCE, key
+
+
+def test_clipping_and_the_closure_api_equal_one_process(ranks):
+    x, y = batch(n=24)
+    with _one_thread():
+        for key, clip in (("clipped", CLIP), ("closure", None)):
+            model = mlp()
+            opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.5)
+            for _ in range(STEPS):
+                sam_step(opt, model, loss_fn, x, y, max_grad_norm=clip)
+            assert isinstance(ranks[0][key], torch.Tensor), ranks[0][key]  # else the error it raised
+            assert torch.equal(ranks[0][key], ranks[1][key]), key
+            assert (ranks[0][key] - _plain(model)).abs().max().item() <= TOLERANCE, key
+        unclipped = _plain(model)
+    assert (ranks[0]["clipped"] - unclipped).abs().max().item() > 1e-3  # the clipping acted
 
 
 def test_what_fsdp2_cannot_give_is_refused_with_the_reason(ranks):
