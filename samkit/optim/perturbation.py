@@ -110,8 +110,8 @@ def perturbation(
     >>> [e.tolist() for e in perturbation([g])[0][0]]
     [[0.30000001192092896, 0.4000000059604645]]
     """
-    if shards is None and sharded.is_sharded([t for g in groups for t in (*g.params, *g.grads)]):
-        groups, shards = sharded.local_groups(groups)
+    if shards is None and sharded.is_sharded([t for g in groups for t in g.grads[:1]]):  # cheap: first ones
+        groups, shards = sharded.local_groups(groups)  # checks every tensor
         out = None if out is None else [[sharded.to_local(o) for o in targets] for targets in out]
     if out is not None and check_out:
         _check_out(groups, out)

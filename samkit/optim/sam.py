@@ -85,7 +85,7 @@ class SAM(Optimizer):
             back: no copies, about half the memory traffic of the ascent and restore (BENCHMARKS.md). Use it only
             when the model reads its parameters through the Parameter objects: NOT with FSDP or other
             flat-parameter wrappers, nor with tensors that view a parameter's storage, which would keep seeing w
-            during the perturbed pass.
+            during the perturbed pass. FSDP2's DTensor parameters refuse it (docs/fsdp.md).
 
     Counters (saved in the state dict): ``steps`` (completed steps), ``sam_steps`` (of which had a perturbed
     pass) and ``passes`` (forward-backward passes over the batch, so ``passes / steps`` is the cost per step

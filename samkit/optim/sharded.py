@@ -58,15 +58,15 @@ class ShardLayout:
 
 
 def is_sharded(tensors: Sequence[Optional[Tensor]]) -> bool:
-    """Whether any of these tensors is a DTensor."""
-    return any(isinstance(t, DTensor) for t in tensors)
+    """Whether any of these tensors is a DTensor (by their few distinct types: a step's fast path checks this)."""
+    return any(issubclass(kind, DTensor) for kind in {type(t) for t in tensors})
 
 
 def layout(tensors: Sequence[Tensor]) -> Optional[ShardLayout]:
     """The one layout of these tensors (None when none is a DTensor); refuses, saying why, what it cannot reduce."""
-    sharded = [t for t in tensors if isinstance(t, DTensor)]
-    if not sharded:
+    if not is_sharded(tensors):
         return None
+    sharded = [t for t in tensors if isinstance(t, DTensor)]
     if len(sharded) != len(tensors):
         plain = next(t for t in tensors if not isinstance(t, DTensor))
         raise ValueError(
