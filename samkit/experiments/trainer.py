@@ -232,10 +232,10 @@ class _Training:
     def _restore(self, path: Path, model: nn.Module, optimizer, scaler, data: RunData) -> None:
         payload = load_checkpoint(path, map_location=self.device)
         if bool(payload.get("fsdp", False)) != self.fsdp:
-            saved, now = ("with", "without") if self.fsdp else ("without", "with")
+            then, this = ("without", "with") if self.fsdp else ("with", "without")
             raise ValueError(
-                f"{path} was trained {now} --fsdp, this run is {saved} it: the SAM family's ε̂ differs between "
-                f"the two (the global batch's under FSDP2, each rank's under DDP); resume {now} --fsdp"
+                f"{path} was trained {then} --fsdp, this run is {this} it: the SAM family's ε̂ differs between "
+                f"the two (the global batch's under FSDP2, each rank's under DDP); resume {then} --fsdp"
             )
         if self.fsdp:  # the checkpoint holds full tensors: each rank keeps its shards
             params = [t for group in optimizer.param_groups for t in group["params"]]
