@@ -61,3 +61,30 @@ def test_fsdp_refuses_a_single_process_and_the_methods_it_cannot_run(tmp_path):
         with pytest.raises(ValueError, match=f"--optimizer {method} with --fsdp: .*{reason}"):
             check_fsdp(TINY.replace(optimizer=method), world_size=2)
     check_fsdp(TINY.replace(optimizer="gsam"), world_size=2)  # the others run
+
+
+def test_a_run_resumes_only_with_the_setting_of_fsdp_it_was_trained_with(tmp_path, monkeypatch):
+    from samkit.experiments import trainer as trainer_module
+    from samkit.experiments.checkpoint import save_checkpoint
+    from samkit.experiments.trainer import TrainingInterrupted
+
+    real_step, calls = trainer_module.train_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == STEPS_PER_EPOCH + 1:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", interrupted)
+    config = TINY.replace(optimizer="sam")
+    with pytest.raises(TrainingInterrupted):
+        train(config, tmp_path / "run", device="cpu", quiet=True, plot=False)
+    monkeypatch.setattr(trainer_module, "train_step", real_step)
+    payload = load_checkpoint(tmp_path / "run")
+    assert payload["fsdp"] is False
+    payload["fsdp"] = True  # as a --fsdp run under torchrun would have saved it
+    kept = {k: v for k, v in payload.items() if k not in ("rng", "version")}  # save_checkpoint adds both
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", kept)
+    with pytest.raises(ValueError, match="was trained with --fsdp, this run is without it"):
+        train(config, tmp_path / "run", device="cpu", quiet=True, plot=False, resume=True)
