@@ -7,10 +7,10 @@
     samkit sharpness RUN
     samkit landscape RUN
 
-Data-parallel: ``torchrun --nproc_per_node N -m samkit train ...``. Exit codes: 0 done; 2 bad input (a
-UsageError: the message names the value and the fix, and nothing was changed); 130 interrupted (the checkpoint
-is valid: rerun with --resume); 1 a run that did not end ok, a file that could not be written (the message says
-which, and what is safe), or an internal error (with its traceback).
+Data-parallel: ``torchrun --nproc_per_node N -m samkit train ...`` (add ``--fsdp`` to shard the model with FSDP2,
+docs/fsdp.md). Exit codes: 0 done; 2 bad input (a UsageError: the message names the value and the fix, and nothing
+was changed); 130 interrupted (the checkpoint is valid: rerun with --resume); 1 a run that did not end ok, a file
+that could not be written (the message says which, and what is safe), or an internal error (with its traceback).
 """
 
 from __future__ import annotations
@@ -235,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path, metavar="DIR")
     train.add_argument("--resume", action="store_true", help="continue the run in DIR from its checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace the run in DIR")
+    train.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model with FSDP2 instead of replicating it (DDP); the SAM family's "
+        "perturbation then comes from the global batch (docs/fsdp.md)",
+    )
     train.add_argument("--init-from", metavar="RUN", help="start from a saved run's weights (new head if needed)")
     train.add_argument("--bootstrap-from", metavar="RUN", help="train on the labels RUN predicts (bootstrap)")
     _add_training_options(train)
@@ -311,7 +317,13 @@ def _run_train(args: argparse.Namespace) -> int:
     if config.recipe and not args.quiet and is_main_process():
         print(recipe_banner(config))
     summary = train(
-        config, args.out, device=args.device, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet
+        config,
+        args.out,
+        device=args.device,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        fsdp=args.fsdp,
     )
     if not args.quiet and is_main_process():  # under torchrun every rank returns here; rank 0 wrote the files
         print(f"summary: {args.out / 'summary.json'}")

@@ -93,6 +93,7 @@ def train_step(
             autocast=autocast,
         )
     from samkit.step import sam_step
+    from samkit.step.common import is_fsdp
 
     return sam_step(
         optimizer,
@@ -101,6 +102,8 @@ def train_step(
         inputs,
         targets,
         micro_batches=config.micro_batches,
+        # FSDP2: one ε̂ from the global batch's gradient (the ranks cannot each perturb with their own)
+        perturbation="shared" if is_fsdp(model) else "per_micro_batch",
         scaler=scaler,
         max_grad_norm=config.max_grad_norm,
         autocast=autocast,

@@ -20,6 +20,9 @@ Train accuracy is measured at the end of each epoch, in eval mode, on the first 
 training examples against the labels trained on (noisy ones under --label-noise); train loss is the mean
 of the training objective over the epoch's steps (with smoothing/mixup), as sam_step returns it.
 
+Under torchrun the model is replicated (DDP), or with ``fsdp=True`` (``--fsdp``) sharded by FSDP2; then every rank
+gathers the full weights for evaluation and checkpoints, which hold full tensors either way (docs/fsdp.md).
+
 Ctrl-C stops at once and leaves checkpoint.pt at the last completed epoch (it is only ever replaced
 atomically, and Ctrl-C during its write waits for the write to end); ``--resume`` continues from there and ends
 with the weights of an uninterrupted run, under the world size and thread count the run was started with.
@@ -42,9 +45,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from samkit.experiments import distributed, plots, rundir
+from samkit.experiments import fsdp as sharding
 from samkit.experiments.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from samkit.experiments.config import TrainConfig
-from samkit.experiments.errors import OutputError, checking
+from samkit.experiments.errors import OutputError, UsageError, checking
 from samkit.experiments.files import interrupts_held, read_json, write_json, write_jsonl
 from samkit.experiments.inputs import RunData, label_noise_record, load_run_data
 from samkit.experiments.metrics import evaluate
@@ -115,10 +119,13 @@ def train(
     overwrite: bool = False,
     quiet: bool = False,
     plot: bool = True,
+    fsdp: bool = False,
 ) -> dict[str, Any]:
     """Train as ``config`` says, writing DIR = ``out`` (see the module doc); return the summary dict.
 
     ``plot=False`` skips the PNGs (``compare`` draws its own, and matplotlib costs ~1 s a figure).
+    ``fsdp=True`` (under torchrun) shards the model with FSDP2 instead of replicating it with DDP: the SAM family's
+    ε̂ is then the global batch's (samkit.experiments.fsdp, docs/fsdp.md).
 
     Raises UsageError (a ValueError: bad option, data, or DIR refused) before anything in DIR is changed,
     ``TrainingInterrupted`` on Ctrl-C, ``OutputError`` when a file cannot be written.
@@ -128,8 +135,11 @@ def train(
         config = config.resolved()
         check_names(config)
         context = distributed.setup(device)
-    training = _Training(config, Path(out), context, quiet=quiet, plot=plot)
+    training = _Training(config, Path(out), context, quiet=quiet, plot=plot, fsdp=fsdp)
     try:
+        if fsdp:
+            with checking():
+                sharding.check_fsdp(config, context.world_size)
         return training.run(resume=resume, overwrite=overwrite)
     finally:
         training.release()
@@ -137,8 +147,12 @@ def train(
 
 
 class _Training:
-    def __init__(self, config: TrainConfig, out: Path, context: distributed.Context, *, quiet: bool, plot: bool):
+    def __init__(
+        self, config: TrainConfig, out: Path, context: distributed.Context, *, quiet: bool, plot: bool, fsdp: bool
+    ):
         self.config, self.out, self.context, self.quiet, self.plot = config, out, context, quiet, plot
+        self.fsdp = fsdp  # the model sharded by FSDP2 (evaluation and checkpoints see full tensors)
+        self.evaluated: Optional[nn.Module] = None  # under FSDP2: a plain copy that evaluation runs on
         self.device = context.device
         self.metrics: list[dict[str, Any]] = []
         self.epoch = 0
@@ -240,6 +254,13 @@ class _Training:
     # ---------------------------------------------------------------------------------------------------- state
 
     def _checkpoint(self, model: nn.Module, optimizer, scaler, data: RunData) -> None:
+        """Rank 0 writes the checkpoint; under FSDP2 every rank calls this (the full tensors are gathered)."""
+        if not self.context.is_main and not self.fsdp:
+            self.saved_epoch = self.epoch
+            return
+        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+        if self.fsdp:
+            model_state, optimizer_state = sharding.full(model_state), sharding.full(optimizer_state)
         if not self.context.is_main:
             self.saved_epoch = self.epoch
             return
@@ -253,13 +274,14 @@ class _Training:
                     "step": self.step,
                     "wall_seconds": self.wall_seconds,
                     "train_seconds": self.train_seconds,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
+                    "model": model_state,
+                    "optimizer": optimizer_state,
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "trajectory": self.term.state_dict() if self.term is not None else None,
                     "metrics": self.metrics,
                     "train_labels": data.train_labels,
                     **self.runtime,
+                    "fsdp": self.fsdp,
                 },
             )
             self.saved_epoch = self.epoch
@@ -267,8 +289,19 @@ class _Training:
     def _restore(self, path: Path, model: nn.Module, optimizer, scaler, data: RunData) -> None:
         payload = load_checkpoint(path, map_location=self.device)
         rundir.check_runtime(self.out, payload, self.runtime, cpu=self.device.type == "cpu")
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
+        if bool(payload.get("fsdp", False)) != self.fsdp:
+            then, this = ("without", "with") if self.fsdp else ("with", "without")
+            raise UsageError(
+                f"{path} was trained {then} --fsdp, this run is {this} it: the SAM family's ε̂ differs between "
+                f"the two (the global batch's under FSDP2, each rank's under DDP); resume {then} --fsdp"
+            )
+        if self.fsdp:  # the checkpoint holds full tensors: each rank keeps its shards
+            params = [t for group in optimizer.param_groups for t in group["params"]]
+            model.load_state_dict(sharding.sharded_model_state(model, payload["model"]))
+            optimizer.load_state_dict(sharding.sharded_optimizer_state(payload["optimizer"], params))
+        else:
+            model.load_state_dict(payload["model"])
+            optimizer.load_state_dict(payload["optimizer"])
         if scaler is not None and payload["scaler"] is not None:
             scaler.load_state_dict(payload["scaler"])
         if self.term is not None:
@@ -310,6 +343,9 @@ class _Training:
                     distributed=self.context.distributed,
                 )
             total_steps = (data.train_labels.shape[0] // config.batch_size) * config.epochs
+            if self.fsdp:  # before the optimizer: it must hold the sharded (DTensor) parameters
+                self.evaluated = sharding.plain_copy(model)
+                sharding.shard(model)
             optimizer = build_optimizer(model, config, total_steps=total_steps)
             scaler = make_scaler(config, self.device)
         plan = rundir.Plan(action, self.out / rundir.CHECKPOINT if action == rundir.RESUME else None)
@@ -340,17 +376,17 @@ class _Training:
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         if plan.action == rundir.RESUME:
             self._restore(self.out / rundir.CHECKPOINT, model, optimizer, scaler, data)
-        elif self.context.is_main:
-            write_json(self.out / rundir.CONFIG, {**config.to_dict(), **self.runtime})
-            record = label_noise_record(data, data_seed=config.data_seed)
-            if record is not None:
-                write_json(self.out / rundir.LABEL_NOISE, record)
-            self._checkpoint(model, optimizer, scaler, data)  # Ctrl-C in epoch 1 still leaves a valid checkpoint
-            write_jsonl(self.out / rundir.METRICS, [])
         else:
-            self.saved_epoch = 0
+            if self.context.is_main:
+                write_json(self.out / rundir.CONFIG, {**config.to_dict(), **self.runtime, "fsdp": self.fsdp})
+                record = label_noise_record(data, data_seed=config.data_seed)
+                if record is not None:
+                    write_json(self.out / rundir.LABEL_NOISE, record)
+            self._checkpoint(model, optimizer, scaler, data)  # Ctrl-C in epoch 1 still leaves a valid checkpoint
+            if self.context.is_main:
+                write_jsonl(self.out / rundir.METRICS, [])
         wrapped = model
-        if self.context.distributed:
+        if self.context.distributed and not self.fsdp:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
@@ -363,7 +399,7 @@ class _Training:
             train_loss = self._train_epoch(wrapped, optimizer, scaler, data)
             _set_mode(optimizer, training=False)  # evaluation and the checkpoint see the weights w
             diverged = not math.isfinite(train_loss)
-            row = self._evaluate_epoch(model, data, train_loss)
+            row = self._evaluate_epoch(self._unsharded(model), data, train_loss)
             self.epoch += 1
             self.wall_seconds += time.perf_counter() - epoch_started
             row["seconds"] = time.perf_counter() - epoch_started
@@ -371,10 +407,18 @@ class _Training:
             self.metrics.append(row)
             if self.context.is_main:
                 write_jsonl(self.out / rundir.METRICS, self.metrics)
-                if not diverged:
-                    self._checkpoint(model, optimizer, scaler, data)
+            if not diverged:  # the same on every rank (the epoch's loss is averaged over them)
+                self._checkpoint(model, optimizer, scaler, data)
             self._say(_epoch_line(row, config.epochs))
-        return self._finish(model, data, optimizer)
+        return self._finish(self._unsharded(model), data, optimizer)
+
+    def _unsharded(self, model: nn.Module) -> nn.Module:
+        """The model evaluation runs on: itself, or under FSDP2 the plain copy with the gathered weights (every
+        rank calls this)."""
+        if self.evaluated is None:
+            return model
+        self.evaluated.load_state_dict(sharding.full(model.state_dict()))
+        return self.evaluated
 
     def _train_epoch(self, model: nn.Module, optimizer, scaler, data: RunData) -> float:
         config, context = self.config, self.context
@@ -514,6 +558,7 @@ class _Training:
             "prediction_counts": test.prediction_counts,
             "wall_seconds": self.wall_seconds,
             **self.runtime,
+            "fsdp": self.fsdp,
             "device": str(self.device),
             "torch": torch.__version__,
         }

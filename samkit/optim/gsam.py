@@ -46,6 +46,7 @@ from typing import Any, Optional, cast
 import torch
 from torch import Tensor
 
+from samkit.optim import sharded
 from samkit.optim.sam import SAM
 
 
@@ -170,9 +171,13 @@ class GSAM(SAM):
                 kept.append(torch.zeros_like(t.grad) if g is None else g)
         if not perturbed:
             return
-        norm = self._global_norm(perturbed)
+        shards = sharded.layout(perturbed + kept)  # FSDP2: the math on each rank's shards, sums over all ranks
+        perturbed, kept = [sharded.to_local(t) for t in perturbed], [sharded.to_local(t) for t in kept]
+        norm = self._global_norm(perturbed, shards)
         # d = g_s − α (g − c g_s) = (1 + α c) g_s − α g with c = ⟨g, g_s⟩ / (||g_s|| + eps)²: in place, no temporary
         inner = torch.stack([torch.vdot(g.reshape(-1), s.reshape(-1)) for g, s in zip(kept, perturbed)]).sum()
+        if shards is not None:
+            inner = shards.all_reduce_sum(inner)
         denominator = (norm + self.eps) ** 2
         denominator = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
         scale = 1.0 + self.alpha * (inner / denominator)
@@ -183,7 +188,11 @@ class GSAM(SAM):
             for s, g in zip(perturbed, kept):
                 s.mul_(scale).add_(g, alpha=-self.alpha)
 
-    def _global_norm(self, tensors: list[Tensor]) -> Tensor:
+    def _global_norm(self, tensors: list[Tensor], shards: Optional[sharded.ShardLayout] = None) -> Tensor:
         if self.foreach:
-            return torch.linalg.vector_norm(torch.stack(list(torch._foreach_norm(tensors))), 2)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]), 2)
+            norms = torch.stack(list(torch._foreach_norm(tensors)))
+        else:
+            norms = torch.stack([torch.linalg.vector_norm(t) for t in tensors])
+        if shards is not None:
+            norms = shards.whole_norms(norms, 2.0)
+        return torch.linalg.vector_norm(norms, 2)

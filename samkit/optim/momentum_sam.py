@@ -46,6 +46,7 @@ from typing import Any, Optional, cast
 import torch
 from torch import Tensor
 
+from samkit.optim import sharded
 from samkit.optim.perturbation import PerturbationGroup, perturbation
 from samkit.optim.sam import SAM, check_base_optimizer
 
@@ -226,18 +227,21 @@ class MomentumSAM(SAM):
             moved.extend(indices)
         if not moved:
             return
+        # FSDP2: the moves run on each rank's shards, the norm of m over all of them (samkit.optim.sharded)
+        groups, shards = sharded.local_groups(groups)
         params = [t for g in groups for t in g.params]
-        saved = self._saved_weights(moved)
+        saved = [sharded.to_local(b) for b in self._saved_weights(moved)]
         if self.foreach:
             torch._foreach_copy_(saved, params)
             try:
-                perturbation(groups, eps=self.eps, foreach=True, out=[list(g.params) for g in groups], check_out=False)
+                out = [list(g.params) for g in groups]
+                perturbation(groups, eps=self.eps, foreach=True, out=out, check_out=False, shards=shards)
             except BaseException:
                 torch._foreach_copy_(params, saved)  # the weights may hold part of ε̂: put w back
                 raise
             torch._foreach_add_(params, saved)  # ε̂ + w: IEEE addition commutes, so bit-exact with w + ε̂
         else:
-            epsilons, _ = perturbation(groups, eps=self.eps, foreach=False)
+            epsilons, _ = perturbation(groups, eps=self.eps, foreach=False, shards=shards)
             for buffer, t, e in zip(saved, params, (e for eg in epsilons for e in eg)):
                 buffer.copy_(t)
                 t.add_(e)
@@ -249,7 +253,7 @@ class MomentumSAM(SAM):
         if not moved:
             return
         params, saved = self._params(), self._param_list("w")
-        targets, sources = [params[i] for i in moved], [saved[i] for i in moved]
+        targets, sources = [sharded.to_local(params[i]) for i in moved], [sharded.to_local(saved[i]) for i in moved]
         if self.foreach:
             torch._foreach_copy_(targets, sources)
         else:
@@ -277,11 +281,13 @@ class MomentumSAM(SAM):
             decay = float(decay) if isinstance(decay, Tensor) else decay
             if decay != 0 and not group.get("decoupled_weight_decay", False):
                 index = [i for i in range(position, position + n) if i in moved_set and params[i].grad is not None]
-                grads = cast(list[Tensor], [params[i].grad for i in index])  # index: grads exist
+                grads = [sharded.to_local(cast(Tensor, params[i].grad)) for i in index]  # index: grads exist
+                weights = [sharded.to_local(params[i]) for i in index]
+                origins = [sharded.to_local(saved[i]) for i in index]
                 if self.foreach and index:
-                    shift = torch._foreach_sub([params[i] for i in index], [saved[i] for i in index])
+                    shift = torch._foreach_sub(weights, origins)
                     torch._foreach_add_(grads, shift, alpha=decay)
                 else:
-                    for i, g in zip(index, grads):
-                        g.add_(params[i] - saved[i], alpha=decay)
+                    for g, w, w0 in zip(grads, weights, origins):
+                        g.add_(w - w0, alpha=decay)
             position += n

@@ -31,6 +31,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from samkit.optim import sharded
+from samkit.optim.sharded import ShardLayout
+
 TensorList = Union[list[Tensor], tuple[Tensor, ...]]  # what torch's foreach ops take; they return tuples
 GROUP_OPTIONS = ("rho", "p", "adaptive", "eta")  # the per-param-group options of every SAM-family optimizer
 
@@ -86,6 +89,7 @@ def perturbation(
     foreach: bool = True,
     out: Optional[Sequence[Sequence[Tensor]]] = None,
     check_out: bool = True,
+    shards: Optional[ShardLayout] = None,
 ) -> tuple[list[list[Tensor]], Optional[Tensor]]:
     """ε̂ for every gradient of every group, and the largest ||T g||_q over the p-classes.
 
@@ -98,10 +102,17 @@ def perturbation(
     ``check_out=False`` skips the check of ``out``'s nesting and shapes, for a caller that built ``out`` from the
     parameters themselves (``SAM`` does: on 800 small tensors the check was a fifth of the ascent's time).
 
+    Sharded tensors (DTensors, FSDP2): the math runs on this rank's shards and the norm is the WHOLE gradient's
+    (``samkit.optim.sharded``); ε̂ and ``out`` are then local shards. ``shards`` is the layout for groups that
+    the caller has already made local with ``sharded.local_groups``.
+
     >>> g = PerturbationGroup(params=[torch.zeros(2)], grads=[torch.tensor([3.0, 4.0])], rho=0.5)
     >>> [e.tolist() for e in perturbation([g])[0][0]]
     [[0.30000001192092896, 0.4000000059604645]]
     """
+    if shards is None and sharded.is_sharded([t for g in groups for t in g.grads[:1]]):  # cheap: first ones
+        groups, shards = sharded.local_groups(groups)  # checks every tensor
+        out = None if out is None else [[sharded.to_local(o) for o in targets] for targets in out]
     if out is not None and check_out:
         _check_out(groups, out)
     scaled = [_scaled_grads(g, foreach) if g.grads else [] for g in groups]  # T g per group
@@ -117,6 +128,8 @@ def perturbation(
         if any(n.device != device for n in per_tensor):  # parameters on several devices (model parallel)
             per_tensor = [n.to(device) for n in per_tensor]
         stacked = torch.stack(per_tensor)
+        if shards is not None:  # the norms of this rank's shards -> those of the whole tensors (one all-reduce)
+            stacked = shards.whole_norms(stacked, q)
         if p == 2.0:
             norm = torch.linalg.vector_norm(stacked, 2)
             denominator = norm + eps

@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
+from samkit.optim import sharded
 from samkit.optim.perturbation import GROUP_OPTIONS, PerturbationGroup, check_group_options, perturbation
 from samkit.optim.protocol import Phase, StepState
 
@@ -84,7 +85,7 @@ class SAM(Optimizer):
             back: no copies, about half the memory traffic of the ascent and restore (BENCHMARKS.md). Use it only
             when the model reads its parameters through the Parameter objects: NOT with FSDP or other
             flat-parameter wrappers, nor with tensors that view a parameter's storage, which would keep seeing w
-            during the perturbed pass.
+            during the perturbed pass. FSDP2's DTensor parameters refuse it (docs/fsdp.md).
 
     Counters (saved in the state dict): ``steps`` (completed steps), ``sam_steps`` (of which had a perturbed
     pass) and ``passes`` (forward-backward passes over the batch, so ``passes / steps`` is the cost per step
@@ -161,6 +162,8 @@ class SAM(Optimizer):
         # the base's defaults too (momentum, betas, ...): OneCycleLR and CyclicLR look for them here
         self.defaults = {**self.base_optimizer.defaults, **defaults}
         self._link()
+        if sharded.is_sharded(self._params()):
+            _refuse_swap_when_sharded(restore_by)
 
     # ----------------------------------------------------------------------------------------------------------
     # construction helpers
@@ -414,8 +417,12 @@ class SAM(Optimizer):
 
     def _ascend(self, gradients: list[Optional[Tensor]]) -> None:
         groups = self._ascent_groups(self._perturbation_groups(gradients))
+        keys = [t for g in groups for t in g.params]
+        groups, shards = sharded.local_groups(groups)  # FSDP2: each rank's shards, the norm over all of them
+        if shards is not None:
+            _refuse_swap_when_sharded(self.restore_by)
         params = [t for g in groups for t in g.params]
-        saved = self._saved_buffers(params)
+        saved = self._saved_buffers(params, keys)
         if self.restore_by == "swap":
             saved = self._swap_in(groups, params, saved)  # now the original storages, swapped back on restore
         elif self.foreach and params:
@@ -423,7 +430,7 @@ class SAM(Optimizer):
             torch._foreach_copy_(saved, params)
             try:
                 _, norm = perturbation(
-                    groups, eps=self.eps, foreach=True, out=[g.params for g in groups], check_out=False
+                    groups, eps=self.eps, foreach=True, out=[g.params for g in groups], check_out=False, shards=shards
                 )
                 finite = bool(torch.isfinite(cast(Tensor, norm)))  # params has gradients, so a norm exists
             except BaseException:
@@ -435,7 +442,7 @@ class SAM(Optimizer):
                 self._raise_non_finite(cast(Tensor, norm))
             torch._foreach_add_(params, saved)  # ε̂ + w: IEEE addition commutes, so bit-exact with w + ε̂
         else:  # the per-tensor reference path
-            epsilons, norm = perturbation(groups, eps=self.eps, foreach=False)
+            epsilons, norm = perturbation(groups, eps=self.eps, foreach=False, shards=shards)
             if norm is not None and not bool(torch.isfinite(norm)):
                 self._raise_non_finite(norm)
             for buffer, t, e in zip(saved, params, (e for eg in epsilons for e in eg)):
@@ -619,22 +626,26 @@ class SAM(Optimizer):
             )
         return groups
 
-    def _saved_buffers(self, params: list[Tensor]) -> list[Tensor]:
-        """The buffers that hold w during the ascent, one per parameter, reused from step to step."""
+    def _saved_buffers(self, params: list[Tensor], keys: Optional[list[Tensor]] = None) -> list[Tensor]:
+        """The buffers that hold w during the ascent, one per parameter, reused from step to step.
+
+        ``keys`` are the parameters the buffers are kept under when ``params`` are views of them that may be new
+        objects each step (the local shards of FSDP2's DTensors)."""
         state = self._step
+        keys = params if keys is None else keys
         cached_params, cached_buffers, signature = state.buffer_list
         now = [(t.shape, t.dtype, t.device) for t in params]
-        same_params = len(cached_params) == len(params) and all(a is b for a, b in zip(cached_params, params))
+        same_params = len(cached_params) == len(keys) and all(a is b for a, b in zip(cached_params, keys))
         if same_params and now == signature:
             return cached_buffers  # the common case: the same parameters as last step, shapes unchanged
         buffers = []
-        for t in params:
-            buffer = state.buffers.get(t)
+        for key, t in zip(keys, params):
+            buffer = state.buffers.get(key)
             if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype or buffer.device != t.device:
                 buffer = torch.empty_like(t, memory_format=torch.preserve_format)
-                state.buffers[t] = buffer
+                state.buffers[key] = buffer
             buffers.append(buffer)
-        state.buffer_list = (list(params), buffers, now)
+        state.buffer_list = (list(keys), buffers, now)
         return buffers
 
     # ----------------------------------------------------------------------------------------------------------
@@ -707,6 +718,15 @@ class SAM(Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_optimizer={self.base_optimizer!r}, {self._options()})"
+
+
+def _refuse_swap_when_sharded(restore_by: str) -> None:
+    if restore_by == "swap":
+        raise ValueError(
+            "restore_by='swap' cannot move FSDP2 (DTensor) parameters: fully_shard all-gathers each forward from "
+            "its own sharded storage, not from param.data, so the perturbed pass would silently run at w instead of "
+            "w + ε̂; use restore_by='copy' (the default)"
+        )
 
 
 def _copied(value: Any) -> Any:

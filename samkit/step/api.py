@@ -19,6 +19,9 @@ one-pass step of LookSAM, RST, AE-SAM, late-phase SAM or ``interval`` costs one 
 A note on names: the SAM paper's m is the micro-batch SIZE (m = N / k per replica); ``micro_batches`` here is
 the COUNT k. Smaller m (larger k) is the stronger regulariser (their Fig. 3). Under DDP every replica perturbs
 with its own gradient, so R replicas x k micro-batches give m = N_global / (R k).
+
+Under FSDP2 (``fully_shard``) the ranks share one sharded copy of the weights, so they cannot each perturb with
+their own gradient: ``perturbation="shared"`` is required, and ε̂ is the global batch's (docs/fsdp.md).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from torch import Tensor
 
 from samkit.optim.sam import SAM
-from samkit.step.common import Precision, all_finite, is_ddp, skip_step
+from samkit.step.common import Precision, all_finite, is_ddp, is_fsdp, skip_step
 from samkit.step.loop import loop_step_gradients
 from samkit.step.selective import selective_step_gradients, selects_examples
 
@@ -56,7 +59,8 @@ def sam_step(
     Args:
         optimizer: a ``samkit.SAM`` or any optimizer of its family (``samkit.GSAM``, ``samkit.LookSAM``, ...).
             Its rule decides which steps perturb: one-pass steps are one forward-backward.
-        model: the module (or a ``DistributedDataParallel`` wrapping it) called as ``model(inputs)``.
+        model: the module (or a ``DistributedDataParallel`` wrapping it, or a module ``fully_shard`` has sharded)
+            called as ``model(inputs)``.
         loss_fn: ``loss_fn(outputs, targets)`` returning the MEAN loss over the (micro-)batch, or one loss per
             example (``reduction="none"``, shape [len(batch)]), which is averaged. An optimizer that selects
             examples by their losses (ESAM, K-SAM: ``samkit.step.selective``) needs the
@@ -172,7 +176,32 @@ def _check_arguments(optimizer, model, inputs, targets, k, perturbation, backend
             f"the batch has {len(inputs)} examples, fewer than micro_batches={k}: use a larger batch or fewer "
             "micro-batches"
         )
+    if is_fsdp(model):
+        _check_fsdp(optimizer, perturbation, backend)
     if max_grad_norm is not None and not (max_grad_norm > 0):
         raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}")
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+
+
+def _check_fsdp(optimizer, perturbation, backend) -> None:
+    """What FSDP2 (``fully_shard``) cannot give, refused with the reason (docs/fsdp.md)."""
+    if perturbation == "per_micro_batch":
+        raise ValueError(
+            "perturbation='per_micro_batch' under FSDP2: the ranks hold one sharded copy of the weights and every "
+            "forward all-gathers it from all of them, so a rank cannot sit at its own w + ε̂ and each replica (or "
+            "micro-batch) cannot perturb with its own gradient, as it does under DDP. Use perturbation='shared' "
+            "(one ε̂ from the global batch's gradient: SAM on the global batch), or DDP for per-replica m-sharpness"
+        )
+    if backend == "vmap":
+        raise ValueError(
+            "backend='vmap' does not support FSDP2: torch.func.functional_call bypasses the all-gather of the "
+            "sharded parameters; use backend='loop'"
+        )
+    if selects_examples(optimizer):
+        raise ValueError(
+            f"{type(optimizer).__name__} under FSDP2: it ranks the examples of the batch by their losses, and with "
+            "perturbation='shared' (the only mode FSDP2 allows) the ranking must run over the global batch, which "
+            "is split over the ranks; a rank-local ranking would select other examples than one process. Use DDP "
+            "(each replica ranks its own examples) or one process"
+        )

@@ -7,6 +7,9 @@ from typing import Optional, Sequence, cast
 
 import torch
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
+
+from samkit.optim.sharded import to_local
 
 
 def split_batch(inputs: Tensor, targets: Tensor, k: int) -> list[tuple[Tensor, Tensor, float]]:
@@ -32,7 +35,7 @@ class Precision:
         return loss if self.scaler is None else self.scaler.scale(loss)
 
     def unscale_(self, grads: Sequence[Optional[Tensor]]) -> None:
-        grads = [g for g in grads if g is not None]
+        grads = [to_local(g) for g in grads if g is not None]  # FSDP2: in place on each rank's shards
         if self.scaler is not None and grads:
             torch._foreach_mul_(cast(list[Tensor], grads), 1.0 / self.scaler.get_scale())  # the None are gone
 
@@ -85,13 +88,14 @@ def check_per_example(losses, n: int, optimizer=None) -> None:
 
 
 def all_finite(trainable, model, precision: Precision, grads=None) -> bool:
-    """Whether every gradient is finite (agreed across DDP replicas, so that all of them skip together)."""
+    """Whether every gradient is finite (agreed across DDP replicas, so that all of them skip together; under FSDP2
+    each rank sees only its shards, so the ranks always agree, or one would raise while the others wait)."""
     grads = [t.grad for t in trainable] if grads is None else grads
-    grads = [g for g in grads if g is not None]
+    grads = [to_local(g) for g in grads if g is not None]
     if not grads:
         return True
     finite = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)])).all()
-    if is_ddp(model) and precision.scaler is not None:
+    if is_fsdp(model) or (is_ddp(model) and precision.scaler is not None):
         flag = (~finite).to(torch.float32).reshape(1)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         finite = flag[0] == 0
@@ -123,8 +127,27 @@ def is_ddp(model) -> bool:
     return isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
 
+def is_fsdp(model) -> bool:
+    """Whether ``model`` is sharded by FSDP2 (``torch.distributed.fsdp.fully_shard`` applied to it)."""
+    return isinstance(model, FSDPModule)
+
+
 def no_sync(model, *, enabled: bool):
-    return model.no_sync() if enabled and is_ddp(model) else contextlib.nullcontext()
+    """No gradient all-reduce (DDP) or reduce-scatter (FSDP2) in the backward passes run inside."""
+    if enabled and is_ddp(model):
+        return model.no_sync()
+    if enabled and is_fsdp(model):
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)  # gradients accumulate unsharded until a backward that syncs
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def replica_mean(grads: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:

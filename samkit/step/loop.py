@@ -17,7 +17,16 @@ from __future__ import annotations
 import torch
 
 from samkit.batchnorm import frozen_running_stats
-from samkit.step.common import all_finite, forward_loss, forward_losses, is_ddp, no_sync, replica_mean, split_batch
+from samkit.step.common import (
+    all_finite,
+    forward_loss,
+    forward_losses,
+    is_ddp,
+    is_fsdp,
+    no_sync,
+    replica_mean,
+    split_batch,
+)
 
 
 def loop_step_gradients(optimizer, model, loss_fn, inputs, targets, k, mode, precision, params):
@@ -27,7 +36,8 @@ def loop_step_gradients(optimizer, model, loss_fn, inputs, targets, k, mode, pre
     if plan is None:
         return _decided_from_gradient(optimizer, model, loss_fn, chunks, precision, mode, params)
     if not plan or mode == "shared":
-        total = _accumulate_clean(model, loss_fn, chunks, precision, sync_last=not plan)
+        # FSDP2: the shared ε̂ comes from the gradient of the global batch (the ranks cannot each have their own)
+        total = _accumulate_clean(model, loss_fn, chunks, precision, sync_last=not plan or is_fsdp(model))
         if not plan:
             optimizer.first_step()  # a one-pass step: .grad is the descent gradient
             return total, all_finite(_trainable(params), model, precision)
@@ -130,9 +140,10 @@ def _decided_from_gradient(optimizer, model, loss_fn, chunks, precision, mode, p
             None if gs[0] is None else sum(g * w for g, (_, _, w) in zip(gs, chunks)) for gs in zip(*parts)
         ]
     else:
-        total = _accumulate_clean(model, loss_fn, chunks, precision, sync_last=False)
+        total = _accumulate_clean(model, loss_fn, chunks, precision, sync_last=is_fsdp(model))
         summed = [t.grad for t in params]
-    whole = replica_mean(summed) if is_ddp(model) else summed  # every replica decides on the same gradient
+    whole = replica_mean(summed) if is_ddp(model) else summed  # every replica decides on the same gradient (FSDP2:
+    # the synced gradient already is the global one)
     decision = precision.unscaled(whole)
     if not all_finite(trainable, model, precision, decision):
         return total, False
