@@ -48,7 +48,7 @@ EVALUATION, CORRUPTIONS_CSV = "evaluation.json", "corruptions.csv"
 DERIVED_FILES = (EVALUATION, CORRUPTIONS_CSV, "sharpness.json", "landscape.png")  # the last two: experiments.flatness
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, SUMMARY, CURVES_PLOT, HESSIAN_PLOT, LABEL_NOISE, *DERIVED_FILES)
 LOCK = ".lock"
-RUNTIME_KEYS = ("world_size", "threads")  # in config.json beside the TrainConfig's fields
+RUNTIME_KEYS = ("world_size", "threads", "fsdp")  # in config.json beside the TrainConfig's fields
 
 NEW, RESUME, FINISHED, OVERWRITE = "new", "resume", "finished", "overwrite"
 
@@ -68,8 +68,8 @@ def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[st
     return [f"{key}: {saved.get(key)!r} -> {wanted.get(key)!r}" for key in keys if saved.get(key) != wanted.get(key)]
 
 
-def runtime_record(*, world_size: int, threads: int) -> dict[str, int]:
-    return {"world_size": int(world_size), "threads": int(threads)}
+def runtime_record(*, world_size: int, threads: int, fsdp: bool = False) -> dict[str, Any]:
+    return {"world_size": int(world_size), "threads": int(threads), "fsdp": bool(fsdp)}
 
 
 def check_runtime(out: Path, saved: dict[str, Any], runtime: dict[str, Any], *, cpu: bool = True) -> None:
@@ -82,6 +82,14 @@ def check_runtime(out: Path, saved: dict[str, Any], runtime: dict[str, Any], *, 
             f"{out} was trained by {world} process(es) and this resume runs {now}: the world size is part of the "
             f"algorithm (each process perturbs SAM with its own gradient, and batch statistics are per process), so "
             f"the resumed run would be neither run; resume it as it was started ({how}), or pass --overwrite"
+        )
+    sharded, now_sharded = bool(saved.get("fsdp", False)), bool(runtime.get("fsdp", False))
+    if sharded != now_sharded:
+        then, this = ("with", "without") if sharded else ("without", "with")
+        raise RunDirError(
+            f"{out} was trained {then} --fsdp and this resume runs {this} it: the SAM family's ε̂ differs between the "
+            f"two (the global batch's under FSDP2, each process's own under DDP); resume {then} --fsdp, or pass "
+            "--overwrite"
         )
     threads, now = saved.get("threads"), runtime["threads"]
     if cpu and threads is not None and threads != now:

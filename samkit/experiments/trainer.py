@@ -48,7 +48,7 @@ from samkit.experiments import distributed, plots, rundir
 from samkit.experiments import fsdp as sharding
 from samkit.experiments.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from samkit.experiments.config import TrainConfig
-from samkit.experiments.errors import OutputError, UsageError, checking
+from samkit.experiments.errors import OutputError, checking
 from samkit.experiments.files import interrupts_held, read_json, write_json, write_jsonl
 from samkit.experiments.inputs import RunData, label_noise_record, load_run_data
 from samkit.experiments.metrics import evaluate
@@ -164,7 +164,9 @@ class _Training:
         self.saved_epoch: Optional[int] = None  # the epoch checkpoint.pt holds (None: none written by this run)
         self.lock: Optional[rundir.RunLock] = None
         # what changes the numbers besides the config (rundir.check_runtime): recorded, and checked on resume
-        self.runtime = rundir.runtime_record(world_size=context.world_size, threads=torch.get_num_threads())
+        self.runtime = rundir.runtime_record(
+            world_size=context.world_size, threads=torch.get_num_threads(), fsdp=fsdp
+        )
 
     # ---------------------------------------------------------------------------------------------------- setup
 
@@ -281,7 +283,6 @@ class _Training:
                     "metrics": self.metrics,
                     "train_labels": data.train_labels,
                     **self.runtime,
-                    "fsdp": self.fsdp,
                 },
             )
             self.saved_epoch = self.epoch
@@ -289,12 +290,6 @@ class _Training:
     def _restore(self, path: Path, model: nn.Module, optimizer, scaler, data: RunData) -> None:
         payload = load_checkpoint(path, map_location=self.device)
         rundir.check_runtime(self.out, payload, self.runtime, cpu=self.device.type == "cpu")
-        if bool(payload.get("fsdp", False)) != self.fsdp:
-            then, this = ("without", "with") if self.fsdp else ("with", "without")
-            raise UsageError(
-                f"{path} was trained {then} --fsdp, this run is {this} it: the SAM family's ε̂ differs between "
-                f"the two (the global batch's under FSDP2, each rank's under DDP); resume {then} --fsdp"
-            )
         if self.fsdp:  # the checkpoint holds full tensors: each rank keeps its shards
             params = [t for group in optimizer.param_groups for t in group["params"]]
             model.load_state_dict(sharding.sharded_model_state(model, payload["model"]))
@@ -378,7 +373,7 @@ class _Training:
             self._restore(self.out / rundir.CHECKPOINT, model, optimizer, scaler, data)
         else:
             if self.context.is_main:
-                write_json(self.out / rundir.CONFIG, {**config.to_dict(), **self.runtime, "fsdp": self.fsdp})
+                write_json(self.out / rundir.CONFIG, {**config.to_dict(), **self.runtime})
                 record = label_noise_record(data, data_seed=config.data_seed)
                 if record is not None:
                     write_json(self.out / rundir.LABEL_NOISE, record)
@@ -558,7 +553,6 @@ class _Training:
             "prediction_counts": test.prediction_counts,
             "wall_seconds": self.wall_seconds,
             **self.runtime,
-            "fsdp": self.fsdp,
             "device": str(self.device),
             "torch": torch.__version__,
         }

@@ -86,5 +86,5 @@ def test_a_run_resumes_only_with_the_setting_of_fsdp_it_was_trained_with(tmp_pat
     payload["fsdp"] = True  # as a --fsdp run under torchrun would have saved it
     kept = {k: v for k, v in payload.items() if k not in ("rng", "version")}  # save_checkpoint adds both
     save_checkpoint(tmp_path / "run" / "checkpoint.pt", kept)
-    with pytest.raises(ValueError, match="was trained with --fsdp, this run is without it"):
+    with pytest.raises(ValueError, match="was trained with --fsdp and this resume runs without it"):
         train(config, tmp_path / "run", device="cpu", quiet=True, plot=False, resume=True)
