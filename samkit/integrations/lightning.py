@@ -56,6 +56,7 @@ from torch import Tensor
 
 from samkit.batchnorm import frozen_running_stats
 from samkit.optim.sam import SAM
+from samkit.optim.step_stats import MEASURES
 from samkit.step.common import Precision, replica_mean, skip_step
 
 PERTURBATIONS = ("shared", "per_micro_batch")
@@ -76,6 +77,10 @@ class SAMLightningModule(pl.LightningModule):
             every ``frequency``-th optimizer step, ``interval="epoch"`` ones after the last step of every
             ``frequency``-th epoch. ``False``: step them yourself (needed for ``ReduceLROnPlateau``).
         log_loss: log the window's mean clean loss as ``train_loss`` (progress bar too) after each step.
+        log_step_stats: log the optimizer's ``last_step_stats`` after each step with ``self.log``, as ``sam/lr``,
+            ``sam/grad_norm``, ``sam/eps_norm``, ``sam/loss``, ``sam/perturbed_loss``, ``sam/loss_rise``,
+            ``sam/cosine`` (those the step measured) and ``sam/sam_step`` (1 for a two-pass step, 0 for one pass).
+            Reading them waits for the device once a step; ``self.log`` keeps Lightning's ``log_every_n_steps``.
 
     Subclasses implement ``training_loss(batch)`` and ``configure_optimizers``. A subclass that overrides
     ``on_save_checkpoint`` or ``on_load_checkpoint`` calls ``super()`` in it (they carry a window's pending
@@ -90,6 +95,7 @@ class SAMLightningModule(pl.LightningModule):
         max_grad_norm: Optional[float] = None,
         step_schedulers: bool = True,
         log_loss: bool = True,
+        log_step_stats: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -106,6 +112,7 @@ class SAMLightningModule(pl.LightningModule):
         self.sam_max_grad_norm = max_grad_norm
         self.sam_step_schedulers = bool(step_schedulers)
         self.sam_log_loss = bool(log_loss)
+        self.sam_log_step_stats = bool(log_step_stats)
         self._sam_pending: list = []  # the batches of the window in progress
 
     # ----------------------------------------------------------------------------------------------------------
@@ -162,7 +169,17 @@ class SAMLightningModule(pl.LightningModule):
                 step.step_schedulers("epoch")
         if self.sam_log_loss:
             self.log("train_loss", loss, prog_bar=True)
+        if self.sam_log_step_stats:
+            self._log_step_stats()
         return loss
+
+    def _log_step_stats(self) -> None:
+        stats = self.sam_optimizer.last_step_stats
+        if stats is None:  # a skipped step (an overflow under fp16) leaves the last step's stats: they were logged
+            return
+        values = {f"sam/{k}": v for k, v in stats.as_dict().items() if k in MEASURES and v is not None}
+        values["sam/sam_step"] = float(stats.sam)
+        self.log_dict(values, on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[PENDING_BATCHES_KEY] = list(self._sam_pending)
@@ -210,6 +227,8 @@ class _Step:
             )
         self.module = module
         self.trainer = trainer
+        self.loss: Optional[Tensor] = None  # the window's mean clean loss, once the passes ran
+        self.perturbed_loss: Any = 0.0  # its mean perturbed loss (stays 0.0 on a one-pass step)
         self.strategy = strategy
         self.optimizer = _sam_optimizer(module)
         self.lightning_optimizer = cast(LightningOptimizer, module.optimizers())
@@ -236,6 +255,7 @@ class _Step:
         optimizer.zero_grad(set_to_none=True)
         try:
             loss, finite = self._gradients(batches, 1.0 / len(batches))
+            self.loss = loss
         except BaseException:
             optimizer.cancel_step()  # never leave the weights at w + ε̂
             raise
@@ -293,8 +313,13 @@ class _Step:
         return torch.zeros((), device=self.trainable[0].device)
 
     def _perturbed(self, batch: Any, weight: float, *, sync: bool) -> None:
-        with frozen_running_stats(self.module):  # the pass at w + ε̂ leaves BatchNorm statistics alone
-            self._backward(self._loss(batch) * weight, sync=sync)
+        """The pass at w + ε̂ (BatchNorm statistics left alone); its loss, weighted, adds to ``perturbed_loss``."""
+        with frozen_running_stats(self.module):
+            loss = self._loss(batch)
+            self._backward(loss * weight, sync=sync)
+        loss = loss.detach()
+        loss = loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
+        self.perturbed_loss = self.perturbed_loss + loss * weight
 
     def _clean_alone(self, batch: Any) -> tuple[Tensor, list]:
         """One batch's clean loss and gradient (scaled), with whatever .grad held before put back."""
@@ -406,7 +431,10 @@ class _Step:
         for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
             callback.on_before_optimizer_step(self.trainer, self.module, optimizer)
         self.module.on_before_optimizer_step(optimizer)
-        optimizer.second_step(scaler=scaler, max_grad_norm=self.module.sam_max_grad_norm)
+        perturbed = self.perturbed_loss if isinstance(self.perturbed_loss, Tensor) else None
+        optimizer.second_step(
+            scaler=scaler, max_grad_norm=self.module.sam_max_grad_norm, loss=self.loss, perturbed_loss=perturbed
+        )
         if scaler is not None:
             scaler.update()
 
