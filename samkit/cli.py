@@ -29,6 +29,7 @@ from samkit.experiments.config import (
 )
 from samkit.experiments.distributed import DEVICES, is_main_process
 from samkit.experiments.methods import options_help
+from samkit.experiments.step_log import DEFAULT_EVERY
 
 # TrainConfig fields set by the shared training options, with the type each value is parsed to
 _FIELDS: dict[str, Callable[[str], Any]] = {
@@ -211,6 +212,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", metavar="RUN", help="start from a saved run's weights (new head if needed)")
     train.add_argument("--bootstrap-from", metavar="RUN", help="train on the labels RUN predicts (bootstrap)")
     _add_training_options(train)
+    diagnostics = train.add_argument_group("SAM step diagnostics (docs/diagnostics.md)")
+    diagnostics.add_argument(
+        "--step-stats-every",
+        type=int,
+        default=DEFAULT_EVERY,
+        metavar="N",
+        help=f"write ||g||, ||eps||, the loss rise and the LR of every N-th step to metrics.jsonl (default "
+        f"{DEFAULT_EVERY}; 0: never)",
+    )
+    diagnostics.add_argument(
+        "--step-stats-cosine", action="store_true", help="also record cos(g, g_s) (keeps a copy of the gradient)"
+    )
+    diagnostics.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write the step and epoch rows to DIR/tensorboard (pip install 'samkit[tensorboard]')",
+    )
 
     compare = commands.add_parser(
         "compare",
@@ -276,7 +294,15 @@ def _run_train(args: argparse.Namespace) -> int:
         **_given_fields(args),
     )
     summary = train(
-        config, args.out, device=args.device, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet
+        config,
+        args.out,
+        device=args.device,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        step_stats_every=args.step_stats_every,
+        step_stats_cosine=args.step_stats_cosine,
+        tensorboard=args.tensorboard,
     )
     if not args.quiet and is_main_process():  # under torchrun every rank returns here; rank 0 wrote the files
         print(f"summary: {args.out / 'summary.json'}")

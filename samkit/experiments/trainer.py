@@ -10,7 +10,7 @@
             x = augment(x_B, generator(seed, epoch)); mixup; this rank's slice
             lr = schedule(step); loss = train_step(...)            # sam_step for sam/asam/msam
         evaluate (eval mode): train sample, val, test; lambda_max every --track-hessian epochs
-        append to metrics.jsonl; write checkpoint.pt atomically
+        append to metrics.jsonl (with the epoch's SAM step rows, samkit.experiments.step_log); write checkpoint.pt
     summary.json (with ok / diverged / collapsed), curves.png, hessian.png
 
 Evaluation is in float32 even under --amp (the weights are float32; autocast is a training-speed device), so
@@ -45,6 +45,7 @@ from samkit.experiments.metrics import evaluate
 from samkit.experiments.optimizers import build_optimizer
 from samkit.experiments.schedule import set_learning_rate
 from samkit.experiments.status import DIVERGED, classify_run
+from samkit.experiments.step_log import DEFAULT_EVERY, StepLog, check_every, tensorboard_writer_class
 from samkit.experiments.steps import make_loss_fn, make_scaler, train_step
 
 TRAIN_EVAL_EXAMPLES = 2000
@@ -104,19 +105,36 @@ def train(
     overwrite: bool = False,
     quiet: bool = False,
     plot: bool = True,
+    step_stats_every: int = DEFAULT_EVERY,
+    step_stats_cosine: bool = False,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Train as ``config`` says, writing DIR = ``out`` (see the module doc); return the summary dict.
 
     ``plot=False`` skips the PNGs (``compare`` draws its own, and matplotlib costs ~1 s a figure).
+    ``step_stats_every=N`` writes a SAM-family optimizer's ``last_step_stats`` every N steps to metrics.jsonl
+    (0: never), with the gradient cosine if ``step_stats_cosine``; ``tensorboard`` also writes them, and the epoch
+    rows, to DIR/tensorboard (``samkit.experiments.step_log``). None of them changes the numbers of the run.
 
     Raises ValueError (bad option, or DIR refused) before any training, ``TrainingInterrupted`` on Ctrl-C.
     Under ``torchrun`` every rank calls this; rank 0 writes the files and every rank returns the summary.
     """
     config = config.resolved()
     check_names(config)
+    check_every(step_stats_every)
+    if tensorboard:
+        tensorboard_writer_class()  # missing: refused before any work
     context = distributed.setup(device)
     try:
-        return _Training(config, Path(out), context, quiet=quiet, plot=plot).run(resume=resume, overwrite=overwrite)
+        training = _Training(config, Path(out), context, quiet=quiet, plot=plot)
+        training.step_log = StepLog(
+            training.out, every=step_stats_every, cosine=step_stats_cosine, tensorboard=tensorboard,
+            is_main=context.is_main,
+        )
+        try:
+            return training.run(resume=resume, overwrite=overwrite)
+        finally:
+            training.step_log.close()
     finally:
         distributed.teardown(context)
 
@@ -132,6 +150,7 @@ class _Training:
         self.train_seconds = 0.0  # the training steps alone (no evaluation): the cost a method is compared by
         self.term = None  # MESA's or SAF's trajectory term (experiments/trajectory.py), for those methods
         self.lr = config.lr  # the learning rate of the last step taken
+        self.step_log = StepLog(out, every=0, cosine=False, tensorboard=False, is_main=context.is_main)
 
     # ---------------------------------------------------------------------------------------------------- setup
 
@@ -203,6 +222,7 @@ class _Training:
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "trajectory": self.term.state_dict() if self.term is not None else None,
                 "metrics": self.metrics,
+                "step_rows": self.step_log.rows,
                 "train_labels": data.train_labels,
                 "world_size": self.context.world_size,
             },
@@ -220,6 +240,7 @@ class _Training:
         self.wall_seconds = float(payload["wall_seconds"])
         self.train_seconds = float(payload.get("train_seconds", 0.0))
         self.metrics = list(payload["metrics"])
+        self.step_log.restore(payload.get("step_rows", []))  # a checkpoint from before step rows: none
         data.train_labels = payload["train_labels"].cpu()
         restore_rng_state(payload["rng"])
         self._say(f"resuming {self.out} after epoch {self.epoch}/{self.config.epochs}")
@@ -259,7 +280,10 @@ class _Training:
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         if resume_from is not None:
             self._restore(resume_from, model, optimizer, scaler, data)
-        elif self.context.is_main:
+            self.step_log.attach(optimizer, resumed_at=self.step)
+        else:
+            self.step_log.attach(optimizer)
+        if resume_from is None and self.context.is_main:
             write_json(self.out / rundir.CONFIG, config.to_dict())
             record = label_noise_record(data, data_seed=config.data_seed)
             if record is not None:
@@ -287,8 +311,9 @@ class _Training:
                 row["seconds"] = time.perf_counter() - epoch_started
                 row["train_seconds"] = self.train_seconds - trained_before
                 self.metrics.append(row)
+                self.step_log.end_epoch(row, step=self.step)
                 if self.context.is_main:
-                    write_jsonl(self.out / rundir.METRICS, self.metrics)
+                    write_jsonl(self.out / rundir.METRICS, self.step_log.lines(self.metrics))
                     if not diverged:
                         self._checkpoint(model, optimizer, scaler, data)
                 self._say(_epoch_line(row, config.epochs))
@@ -341,6 +366,7 @@ class _Training:
             if self.term is not None:
                 self.term.after_step()
             self.step += 1
+            self.step_log.after_step(optimizer, step=self.step, epoch=self.epoch + 1)
             total += loss.detach().double()
             if batch % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
@@ -440,7 +466,8 @@ class _Training:
         if self.context.is_main and self.plot:
             title = f"{config.optimizer} on {config.data} ({config.model}), seed {config.seed}"
             if self.metrics:
-                plots.learning_curves(self.metrics, self.out / rundir.CURVES_PLOT, title=title)
+                curves = self.out / rundir.CURVES_PLOT
+                plots.learning_curves(self.metrics, curves, title=title, steps=self.step_log.rows)
             if any("lambda_max" in row for row in self.metrics):
                 plots.hessian_evolution(self.metrics, self.out / rundir.HESSIAN_PLOT, title=title)
         if self.context.is_main:
