@@ -567,7 +567,8 @@ class SAM(Optimizer):
         if not sam and all(t.grad is None for t, _ in state.set_aside):  # a one-pass step whose loop ran no 2nd pass
             for t, g in state.set_aside:
                 t.grad = g
-        self._stats.before_descent(sam, self._params(), state.clean, self.param_groups[0].get("lr"))
+        if self._stats.enabled:
+            self._stats.before_descent(sam, self._params(), state.clean, self.param_groups[0].get("lr"))
         if scaler is not None and type(self)._descend is not SAM._descend:
             _unscale_once(scaler, self.base_optimizer)  # the variant's descent mixes g and g_s: both unscaled
         self._descend(sam)
@@ -747,6 +748,7 @@ class SAM(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_stats", StepStatsRecorder())  # pickled before step stats existed
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_optimizer={self.base_optimizer!r}, {self._options()})"
