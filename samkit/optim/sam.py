@@ -342,9 +342,7 @@ class SAM(Optimizer):
             raise TypeError(f"enabled and cosine must be True or False, got enabled={enabled!r}, cosine={cosine!r}")
         if cosine and not enabled:
             raise ValueError("cosine=True needs the recording on: call record_step_stats(True, cosine=True)")
-        self._stats.enabled, self._stats.cosine = enabled, cosine
-        if not enabled:
-            self._stats.clear()
+        self._stats.configure(enabled, cosine)
         return self
 
     @property

@@ -70,8 +70,16 @@ class StepStatsRecorder:
         self.cosine = False
         self._pending: dict[str, Any] = {}
         self._clean: Optional[list[Optional[Tensor]]] = None  # the step's clean gradient, kept for the cosine
+        self._spare: list[Tensor] = []  # the storage of that copy, reused
         self._raw: Optional[dict[str, Any]] = None  # the last completed step, not yet turned into floats
         self._last: Optional[StepStats] = None
+
+    def configure(self, enabled: bool, cosine: bool) -> None:
+        self.enabled, self.cosine = enabled, cosine
+        if not enabled:
+            self.clear()
+        if not cosine:
+            self._spare = []  # the copy's storage goes with the cosine
 
     # ------------------------------------------------------------------------------------------------ the step
 
@@ -85,16 +93,29 @@ class StepStatsRecorder:
         """Keep Σ_j weight_j g_j for the cosine (a copy: the loop may reuse or zero the gradients in place)."""
         if not (self.enabled and self.cosine):
             return
-        present = [g for g in gradients if g is not None]
+        present = [g.detach() for g in gradients if g is not None]
         if not present:
             return
         if self._clean is None:
-            copies = iter(torch._foreach_mul([g.detach() for g in present], float(weight)))
-            self._clean = [None if g is None else next(copies) for g in gradients]
+            copies = self._buffers(present)
+            torch._foreach_copy_(copies, present)
+            if weight != 1.0:
+                torch._foreach_mul_(copies, float(weight))
+            kept = iter(copies)
+            self._clean = [None if g is None else next(kept) for g in gradients]
             return
         pairs = [(c, g) for c, g in zip(self._clean, gradients) if c is not None and g is not None]
         if pairs:
             torch._foreach_add_([c for c, _ in pairs], [g.detach() for _, g in pairs], alpha=float(weight))
+
+    def _buffers(self, like: list[Tensor]) -> list[Tensor]:
+        """Storage for the copy of g, reused from step to step (a fresh one each step page-faults on CPU)."""
+        spare = self._spare
+        if len(spare) != len(like) or any(
+            (b.shape, b.dtype, b.device) != (t.shape, t.dtype, t.device) for b, t in zip(spare, like)
+        ):
+            spare = self._spare = [torch.empty_like(t, memory_format=torch.preserve_format) for t in like]
+        return spare
 
     def losses(self, loss: Optional[Number], perturbed_loss: Optional[Number]) -> None:
         if not self.enabled:
@@ -144,7 +165,7 @@ class StepStatsRecorder:
 
     def clear(self) -> None:
         self.discard()
-        self._raw, self._last = None, None
+        self._raw, self._last, self._spare = None, None, []
 
     def __getstate__(self) -> dict[str, Any]:
         # a pickled or deep-copied optimizer keeps its settings and its last stats as floats, not device tensors
@@ -169,11 +190,16 @@ def _cosine(clean: list[Tensor], perturbed: list[Tensor], *, own: bool) -> tuple
     else:
         products = list(torch._foreach_mul(clean, perturbed))
     device = products[0].device
-    dot = torch.stack([p.sum(dtype=_wide(p)).to(device, torch.float64) for p in products]).sum()
-    clean_norm, perturbed_norm = (
-        torch.linalg.vector_norm(torch.stack([n.to(device, torch.float64) for n in ns])) for ns in norms
-    )
+    dot = _stacked([p.sum(dtype=_wide(p)) for p in products], device).sum()
+    clean_norm, perturbed_norm = (torch.linalg.vector_norm(_stacked(list(ns), device)) for ns in norms)
     return dot, clean_norm, perturbed_norm
+
+
+def _stacked(scalars: list[Tensor], device: torch.device) -> Tensor:
+    """0-dim tensors stacked in float64 on ``device``: one cast for the lot when they share dtype and device."""
+    if all(t.dtype == scalars[0].dtype and t.device == device for t in scalars):
+        return torch.stack(scalars).to(torch.float64)
+    return torch.stack([t.to(device, torch.float64) for t in scalars])
 
 
 def _wide(t: Tensor) -> torch.dtype:
