@@ -113,6 +113,7 @@ class SAMLightningModule(pl.LightningModule):
         self.sam_step_schedulers = bool(step_schedulers)
         self.sam_log_loss = bool(log_loss)
         self.sam_log_step_stats = bool(log_step_stats)
+        self._sam_logged_step: Optional[int] = None  # the optimizer step whose stats were logged last
         self._sam_pending: list = []  # the batches of the window in progress
 
     # ----------------------------------------------------------------------------------------------------------
@@ -175,8 +176,10 @@ class SAMLightningModule(pl.LightningModule):
 
     def _log_step_stats(self) -> None:
         stats = self.sam_optimizer.last_step_stats
-        if stats is None:  # a skipped step (an overflow under fp16) leaves the last step's stats: they were logged
+        # a skipped step (an overflow under fp16) leaves the last step's stats, which were logged with it
+        if stats is None or stats.step == self._sam_logged_step:
             return
+        self._sam_logged_step = stats.step
         values = {f"sam/{k}": v for k, v in stats.as_dict().items() if k in MEASURES and v is not None}
         values["sam/sam_step"] = float(stats.sam)
         self.log_dict(values, on_step=True, on_epoch=False)

@@ -32,3 +32,16 @@ def test_nothing_is_logged_unless_asked():
     trainer = fit(module, max_steps=2, log_every_n_steps=1)
     assert not any(key.startswith("sam/") for key in trainer.logged_metrics)
     assert module.sam_optimizer.last_step_stats.loss_rise is not None  # recorded all the same
+
+
+def test_a_step_without_new_stats_logs_nothing(monkeypatch):
+    """A step skipped for an fp16 overflow leaves the optimizer's last stats as they were: not logged twice."""
+    module = Classifier(log_step_stats=True)
+    fit(module, max_steps=2, log_every_n_steps=1)
+    logged = []
+    monkeypatch.setattr(module, "log_dict", lambda values, **options: logged.append(values))
+    module._log_step_stats()  # the optimizer took no step since the last log
+    assert logged == []
+    module._sam_logged_step = None  # as if the last step had not been logged yet
+    module._log_step_stats()
+    assert logged and logged[0]["sam/eps_norm"] == module.sam_optimizer.last_step_stats.eps_norm
