@@ -363,6 +363,7 @@ class SAM(Optimizer):
         """
         if self._step.decided:
             raise RuntimeError(f"decide() called twice in one step (this step is already {self._step.phase.value})")
+        self._stats.discard()  # a new step: nothing of an aborted one carries over
         sam = bool(self._decide(self._gradient_list(grads)))
         self._step.phase = Phase.SAM if sam else Phase.PLAIN
         return sam
@@ -372,6 +373,7 @@ class SAM(Optimizer):
         """Make the step in progress a one-pass step without consulting the rule (call it before first_step)."""
         if self._step.decided:
             raise RuntimeError(f"skip_perturbation() after this step's decision (it is {self._step.phase.value})")
+        self._stats.discard()
         self._step.phase = Phase.PLAIN
 
     @torch.compiler.disable
@@ -408,6 +410,7 @@ class SAM(Optimizer):
             )
         gradients = self._gradient_list(grads)
         if state.phase is Phase.READY:
+            self._stats.discard()  # a new step: nothing of an aborted one carries over
             state.phase = Phase.SAM if bool(self._decide(gradients)) else Phase.PLAIN
         if state.phase is Phase.PLAIN:
             if zero_grad:

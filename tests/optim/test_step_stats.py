@@ -296,3 +296,17 @@ def test_as_dict_is_json_ready():
     row = opt.last_step_stats.as_dict()
     assert list(row) == list(FIELDS)
     assert all(v is None or type(v) in (int, float, bool) for v in row.values())
+
+
+def test_a_step_that_raised_leaves_nothing_to_the_next():
+    """first_step refuses a non-finite gradient after keeping its copy for the cosine: the next step starts clean."""
+    model, (x, y) = mlp(), batch()
+    expected = reference(model, x, y)
+    opt = sam(model).record_step_stats(cosine=True)
+    loss_fn(model(x), y).backward()
+    next(model.parameters()).grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        opt.first_step(zero_grad=True)
+    opt.zero_grad()
+    two_step(model, opt, x, y)
+    check(opt.last_step_stats, expected)
