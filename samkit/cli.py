@@ -35,6 +35,7 @@ from samkit.experiments.distributed import DEVICES, is_main_process
 from samkit.experiments.errors import OutputError, UsageError, checking
 from samkit.experiments.methods import options_help
 from samkit.experiments.recipes import add_recipe_arguments, build_config, recipe_banner, recipes_epilog
+from samkit.experiments.step_log import DEFAULT_EVERY
 
 # TrainConfig fields set by the shared training options, with the type each value is parsed to
 _FIELDS: dict[str, Callable[[str], Any]] = {
@@ -244,6 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", metavar="RUN", help="start from a saved run's weights (new head if needed)")
     train.add_argument("--bootstrap-from", metavar="RUN", help="train on the labels RUN predicts (bootstrap)")
     _add_training_options(train)
+    diagnostics = train.add_argument_group("SAM step diagnostics (docs/diagnostics.md)")
+    diagnostics.add_argument(
+        "--step-stats-every",
+        type=int,
+        default=DEFAULT_EVERY,
+        metavar="N",
+        help=f"write ||g||, ||eps||, the loss rise and the LR of every N-th step to metrics.jsonl (default "
+        f"{DEFAULT_EVERY}; 0: never)",
+    )
+    diagnostics.add_argument(
+        "--step-stats-cosine", action="store_true", help="also record cos(g, g_s) (keeps a copy of the gradient)"
+    )
+    diagnostics.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write the step and epoch rows to DIR/tensorboard (pip install 'samkit[tensorboard]')",
+    )
 
     compare = commands.add_parser(
         "compare",
@@ -324,6 +342,9 @@ def _run_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         quiet=args.quiet,
         fsdp=args.fsdp,
+        step_stats_every=args.step_stats_every,
+        step_stats_cosine=args.step_stats_cosine,
+        tensorboard=args.tensorboard,
     )
     if not args.quiet and is_main_process():  # under torchrun every rank returns here; rank 0 wrote the files
         print(f"summary: {args.out / 'summary.json'}")

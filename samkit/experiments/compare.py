@@ -32,6 +32,7 @@ from samkit.experiments.files import read_jsonl, write_text
 from samkit.experiments.methods import METHODS
 from samkit.experiments.rundir import METRICS
 from samkit.experiments.status import OK
+from samkit.experiments.step_log import epoch_rows
 from samkit.experiments.trainer import train
 
 CSV_COLUMNS = (
@@ -215,7 +216,7 @@ def _mean_curves(out: Path, groups: dict[str, list[dict[str, Any]]]) -> dict[str
     curves = {}
     for optimizer, rows in groups.items():
         runs = [read_jsonl(out / "runs" / r["run"] / METRICS) for r in rows if r["status"] == OK]
-        runs = [[row["test_acc"] for row in metrics] for metrics in runs if metrics]
+        runs = [[row["test_acc"] for row in epoch_rows(metrics)] for metrics in runs if metrics]
         if runs:
             epochs = min(len(r) for r in runs)
             curves[report.label(optimizer)] = [

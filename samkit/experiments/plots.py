@@ -1,6 +1,7 @@
 """PNG figures of runs and comparisons (matplotlib, Agg backend, written atomically).
 
 learning_curves(metrics)      loss and error per epoch, train and test (and val)       DIR/curves.png
+                              + SAM's step diagnostics per step when given (||g||, ||ε̂||, loss rise, cos)
 hessian_evolution(metrics)    lambda_max and lambda_max / lambda_5 per epoch           DIR/hessian.png
                               (the SAM paper's Hessian spectrum figure, in two numbers)
 error_bars(rows)              test error per optimizer, mean and 95 % CI               compare/test_error.png
@@ -45,10 +46,20 @@ def _column(rows: Sequence[dict[str, Any]], key: str) -> list[float]:
     return [float(row[key]) if row.get(key) is not None else math.nan for row in rows]
 
 
-def learning_curves(metrics: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> Path:
+def learning_curves(
+    metrics: Sequence[dict[str, Any]], path: Path, *, title: str = "", steps: Sequence[dict[str, Any]] = ()
+) -> Path:
+    """Loss and error per epoch; with ``steps`` (the step rows of samkit.experiments.step_log) a second row of
+    panels: the ascent's norms and the loss rise (with the gradient cosine when recorded) against the step."""
     epochs = [row["epoch"] for row in metrics]
     plt = _pyplot()
-    figure, (loss_axis, error_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    steps = [row for row in steps if row.get("sam")]  # one-pass steps have no ascent to show
+    if steps:
+        figure, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+        (loss_axis, error_axis), (norm_axis, rise_axis) = axes
+        _step_panels(steps, norm_axis, rise_axis)
+    else:
+        figure, (loss_axis, error_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for split in ("train", "val", "test"):
         if any(row.get(f"{split}_loss") is not None for row in metrics):
             loss_axis.plot(epochs, _column(metrics, f"{split}_loss"), marker=".", label=split)
@@ -62,6 +73,26 @@ def learning_curves(metrics: Sequence[dict[str, Any]], path: Path, *, title: str
     if title:
         figure.suptitle(title)
     return _save(figure, path)
+
+
+def _step_panels(steps: Sequence[dict[str, Any]], norm_axis, rise_axis) -> None:
+    x = [row["step"] for row in steps]
+    norm_axis.plot(x, _column(steps, "grad_norm"), label="‖g‖ (the ascent's norm)")
+    norm_axis.plot(x, _column(steps, "eps_norm"), label="‖ε̂‖")
+    norm_axis.set(xlabel="step", ylabel="norm", title="SAM ascent")
+    if all(v > 0 for v in _column(steps, "grad_norm") + _column(steps, "eps_norm") if not math.isnan(v)):
+        norm_axis.set_yscale("log")
+    rise_axis.plot(x, _column(steps, "loss_rise"), color="tab:red", label="L(w + ε̂) - L(w)")
+    rise_axis.axhline(0.0, color="black", linewidth=0.6)
+    rise_axis.set(xlabel="step", ylabel="loss rise", title="SAM loss rise")
+    if any(row.get("cosine") is not None for row in steps):
+        cosine_axis = rise_axis.twinx()
+        cosine_axis.plot(x, _column(steps, "cosine"), color="tab:green", label="cos(g, g_s)")
+        cosine_axis.set_ylabel("cos(g, g_s)")
+        cosine_axis.legend(loc="lower right")
+    for axis in (norm_axis, rise_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(loc="upper right")
 
 
 def hessian_evolution(metrics: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> Path:

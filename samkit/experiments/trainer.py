@@ -11,7 +11,7 @@
             x = augment(x_B, generator(seed, epoch)); mixup; this rank's slice
             lr = schedule(step); loss = train_step(...)            # sam_step for sam/asam/msam
         evaluate (eval mode): train sample, val, test; lambda_max every --track-hessian epochs
-        append to metrics.jsonl; write checkpoint.pt atomically
+        append to metrics.jsonl (with the epoch's SAM step rows, samkit.experiments.step_log); write checkpoint.pt
     summary.json (with ok / diverged / collapsed), curves.png, hessian.png
 
 Evaluation is in float32 even under --amp (the weights are float32; autocast is a training-speed device), so
@@ -55,6 +55,7 @@ from samkit.experiments.metrics import evaluate
 from samkit.experiments.optimizers import build_optimizer
 from samkit.experiments.schedule import set_learning_rate
 from samkit.experiments.status import classify_run
+from samkit.experiments.step_log import DEFAULT_EVERY, StepLog, check_every, tensorboard_writer_class
 from samkit.experiments.steps import make_loss_fn, make_scaler, train_step
 
 TRAIN_EVAL_EXAMPLES = 2000
@@ -120,12 +121,18 @@ def train(
     quiet: bool = False,
     plot: bool = True,
     fsdp: bool = False,
+    step_stats_every: int = DEFAULT_EVERY,
+    step_stats_cosine: bool = False,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Train as ``config`` says, writing DIR = ``out`` (see the module doc); return the summary dict.
 
     ``plot=False`` skips the PNGs (``compare`` draws its own, and matplotlib costs ~1 s a figure).
     ``fsdp=True`` (under torchrun) shards the model with FSDP2 instead of replicating it with DDP: the SAM family's
     ε̂ is then the global batch's (samkit.experiments.fsdp, docs/fsdp.md).
+    ``step_stats_every=N`` writes a SAM-family optimizer's ``last_step_stats`` every N steps to metrics.jsonl
+    (0: never), with the gradient cosine if ``step_stats_cosine``; ``tensorboard`` also writes them, and the epoch
+    rows, to DIR/tensorboard (``samkit.experiments.step_log``). None of them changes the numbers of the run.
 
     Raises UsageError (a ValueError: bad option, data, or DIR refused) before anything in DIR is changed,
     ``TrainingInterrupted`` on Ctrl-C, ``OutputError`` when a file cannot be written.
@@ -134,14 +141,21 @@ def train(
     with checking():
         config = config.resolved()
         check_names(config)
+        check_every(step_stats_every)
+        if tensorboard:
+            tensorboard_writer_class()  # missing: refused before any work
         context = distributed.setup(device)
     training = _Training(config, Path(out), context, quiet=quiet, plot=plot, fsdp=fsdp)
+    training.step_log = StepLog(
+        training.out, every=step_stats_every, cosine=step_stats_cosine, tensorboard=tensorboard, is_main=context.is_main
+    )
     try:
         if fsdp:
             with checking():
                 sharding.check_fsdp(config, context.world_size)
         return training.run(resume=resume, overwrite=overwrite)
     finally:
+        training.step_log.close()
         training.release()
         distributed.teardown(context)
 
@@ -167,6 +181,7 @@ class _Training:
         self.runtime = rundir.runtime_record(
             world_size=context.world_size, threads=torch.get_num_threads(), fsdp=fsdp
         )
+        self.step_log = StepLog(out, every=0, cosine=False, tensorboard=False, is_main=context.is_main)
 
     # ---------------------------------------------------------------------------------------------------- setup
 
@@ -281,6 +296,7 @@ class _Training:
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "trajectory": self.term.state_dict() if self.term is not None else None,
                     "metrics": self.metrics,
+                    "step_rows": self.step_log.rows,
                     "train_labels": data.train_labels,
                     **self.runtime,
                 },
@@ -306,6 +322,7 @@ class _Training:
         self.wall_seconds = float(payload["wall_seconds"])
         self.train_seconds = float(payload.get("train_seconds", 0.0))
         self.metrics = list(payload["metrics"])
+        self.step_log.restore(payload.get("step_rows", []))  # a checkpoint from before step rows: none
         data.train_labels = payload["train_labels"].cpu()
         restore_rng_state(payload["rng"])
         self._say(f"resuming {self.out} after epoch {self.epoch}/{self.config.epochs}")
@@ -371,7 +388,9 @@ class _Training:
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         if plan.action == rundir.RESUME:
             self._restore(self.out / rundir.CHECKPOINT, model, optimizer, scaler, data)
+            self.step_log.attach(optimizer, resumed_at=self.step)
         else:
+            self.step_log.attach(optimizer)
             if self.context.is_main:
                 write_json(self.out / rundir.CONFIG, {**config.to_dict(), **self.runtime})
                 record = label_noise_record(data, data_seed=config.data_seed)
@@ -400,8 +419,9 @@ class _Training:
             row["seconds"] = time.perf_counter() - epoch_started
             row["train_seconds"] = self.train_seconds - trained_before
             self.metrics.append(row)
+            self.step_log.end_epoch(row, step=self.step)
             if self.context.is_main:
-                write_jsonl(self.out / rundir.METRICS, self.metrics)
+                write_jsonl(self.out / rundir.METRICS, self.step_log.lines(self.metrics))
             if not diverged:  # the same on every rank (the epoch's loss is averaged over them)
                 self._checkpoint(model, optimizer, scaler, data)
             self._say(_epoch_line(row, config.epochs))
@@ -460,6 +480,7 @@ class _Training:
             if self.term is not None:
                 self.term.after_step()
             self.step += 1
+            self.step_log.after_step(optimizer, step=self.step, epoch=self.epoch + 1)
             total += loss.detach().double()
             if batch % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
@@ -559,7 +580,8 @@ class _Training:
         if self.context.is_main and self.plot:
             title = f"{config.optimizer} on {config.data} ({config.model}), seed {config.seed}"
             if self.metrics:
-                plots.learning_curves(self.metrics, self.out / rundir.CURVES_PLOT, title=title)
+                curves = self.out / rundir.CURVES_PLOT
+                plots.learning_curves(self.metrics, curves, title=title, steps=self.step_log.rows)
             if any("lambda_max" in row for row in self.metrics):
                 plots.hessian_evolution(self.metrics, self.out / rundir.HESSIAN_PLOT, title=title)
         if self.context.is_main:

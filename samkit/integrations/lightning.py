@@ -56,6 +56,7 @@ from torch import Tensor
 
 from samkit.integrations.window import PERTURBATIONS, WindowStep, average_over_replicas
 from samkit.optim.sam import SAM
+from samkit.optim.step_stats import MEASURES
 from samkit.step.common import skip_step
 
 PENDING_BATCHES_KEY = "samkit_pending_batches"  # the checkpoint entry that holds a window's pending batches
@@ -75,6 +76,10 @@ class SAMLightningModule(pl.LightningModule):
             every ``frequency``-th optimizer step, ``interval="epoch"`` ones after the last step of every
             ``frequency``-th epoch. ``False``: step them yourself (needed for ``ReduceLROnPlateau``).
         log_loss: log the window's mean clean loss as ``train_loss`` (progress bar too) after each step.
+        log_step_stats: log the optimizer's ``last_step_stats`` after each step with ``self.log``, as ``sam/lr``,
+            ``sam/grad_norm``, ``sam/eps_norm``, ``sam/loss``, ``sam/perturbed_loss``, ``sam/loss_rise``,
+            ``sam/cosine`` (those the step measured) and ``sam/sam_step`` (1 for a two-pass step, 0 for one pass).
+            Reading them waits for the device once a step; ``self.log`` keeps Lightning's ``log_every_n_steps``.
 
     Subclasses implement ``training_loss(batch)`` and ``configure_optimizers``. A subclass that overrides
     ``on_save_checkpoint`` or ``on_load_checkpoint`` calls ``super()`` in it (they carry a window's pending
@@ -89,6 +94,7 @@ class SAMLightningModule(pl.LightningModule):
         max_grad_norm: Optional[float] = None,
         step_schedulers: bool = True,
         log_loss: bool = True,
+        log_step_stats: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -105,6 +111,8 @@ class SAMLightningModule(pl.LightningModule):
         self.sam_max_grad_norm = max_grad_norm
         self.sam_step_schedulers = bool(step_schedulers)
         self.sam_log_loss = bool(log_loss)
+        self.sam_log_step_stats = bool(log_step_stats)
+        self._sam_logged_step: Optional[int] = None  # the optimizer step whose stats were logged last
         self._sam_pending: list = []  # the batches of the window in progress
 
     # ----------------------------------------------------------------------------------------------------------
@@ -161,7 +169,19 @@ class SAMLightningModule(pl.LightningModule):
                 step.step_schedulers("epoch")
         if self.sam_log_loss:
             self.log("train_loss", loss, prog_bar=True)
+        if self.sam_log_step_stats:
+            self._log_step_stats()
         return loss
+
+    def _log_step_stats(self) -> None:
+        stats = self.sam_optimizer.last_step_stats
+        # a skipped step (an overflow under fp16) leaves the last step's stats, which were logged with it
+        if stats is None or stats.step == self._sam_logged_step:
+            return
+        self._sam_logged_step = stats.step
+        values = {f"sam/{k}": v for k, v in stats.as_dict().items() if k in MEASURES and v is not None}
+        values["sam/sam_step"] = float(stats.sam)
+        self.log_dict(values, on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[PENDING_BATCHES_KEY] = list(self._sam_pending)
@@ -294,7 +314,12 @@ class _Step(WindowStep):
         for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
             callback.on_before_optimizer_step(self.trainer, self.module, optimizer)
         self.module.on_before_optimizer_step(optimizer)
-        optimizer.second_step(scaler=scaler, max_grad_norm=self.module.sam_max_grad_norm)
+        optimizer.second_step(
+            scaler=scaler,
+            max_grad_norm=self.module.sam_max_grad_norm,
+            loss=self.loss,
+            perturbed_loss=self.perturbed_loss,
+        )
         if scaler is not None:
             scaler.update()
 

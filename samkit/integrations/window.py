@@ -43,6 +43,8 @@ class WindowStep:
     perturbation: str = "shared"
     distributed: bool = False
     same_dropout_mask: bool = False
+    loss: Optional[Tensor] = None  # the last window's weighted mean clean loss
+    perturbed_loss: Optional[Tensor] = None  # ... and perturbed loss (None: a one-pass step)
 
     def setup(self, optimizer: SAM, model: torch.nn.Module, scaler: Optional[torch.amp.GradScaler]) -> None:
         self.optimizer = optimizer
@@ -93,7 +95,11 @@ class WindowStep:
             self._rng.set(self._rng_at[index])  # the random numbers of this batch's clean pass: the same mask
         try:
             with frozen_running_stats(self.model):  # the pass at w + ε̂ leaves BatchNorm statistics alone
-                self._backward(self._loss(batch) * weight, sync=sync)
+                loss = self._loss(batch)
+                self._backward(loss * weight, sync=sync)
+            loss = loss.detach()
+            loss = loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
+            self.perturbed_loss = loss * weight if self.perturbed_loss is None else self.perturbed_loss + loss * weight
         finally:
             if after is not None:
                 self._rng.set(after)
@@ -123,10 +129,15 @@ class WindowStep:
 
     def gradients(self, batches: list, weights: Sequence[float]) -> tuple[Tensor, bool]:
         """Leave the descent gradient (scaled) in .grad with the weights at w; return the weighted mean clean loss
-        and whether the gradients are finite (always True without a GradScaler: a non-finite one raises)."""
+        and whether the gradients are finite (always True without a GradScaler: a non-finite one raises).
+        ``loss`` and ``perturbed_loss`` then hold the window's weighted mean clean and perturbed losses (the
+        latter None on a one-pass step), for the step's diagnostics (``second_step(loss=, perturbed_loss=)``)."""
         self._rng_at = {}
+        self.loss, self.perturbed_loss = None, None
         try:
-            return self._gradients(batches, weights)
+            loss, finite = self._gradients(batches, weights)
+            self.loss = loss
+            return loss, finite
         finally:
             self._rng_at = {}
 

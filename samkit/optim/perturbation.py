@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Union, cast
 
 import torch
 from torch import Tensor
@@ -90,6 +90,7 @@ def perturbation(
     out: Optional[Sequence[Sequence[Tensor]]] = None,
     check_out: bool = True,
     shards: Optional[ShardLayout] = None,
+    record: Optional[dict[str, Tensor]] = None,
 ) -> tuple[list[list[Tensor]], Optional[Tensor]]:
     """ε̂ for every gradient of every group, and the largest ||T g||_q over the p-classes.
 
@@ -106,6 +107,12 @@ def perturbation(
     (``samkit.optim.sharded``); ε̂ and ``out`` are then local shards. ``shards`` is the layout for groups that
     the caller has already made local with ``sharded.local_groups``.
 
+    ``record``, a dict, receives two 0-dim tensors for the step's diagnostics (``samkit.optim.step_stats``):
+    ``"grad_norm"``, ||T g||_q (the largest over the p-classes), and ``"eps_norm"``, ||ε̂||_2 over every group.
+    Where ε̂ is a multiple of the gradient (p = 2, not adaptive) its norm follows from the norms already taken,
+    rho ||g_i|| / (||g|| + eps) per group, with no pass over the tensors; otherwise it is measured on ε̂ (one
+    read of it).
+
     >>> g = PerturbationGroup(params=[torch.zeros(2)], grads=[torch.tensor([3.0, 4.0])], rho=0.5)
     >>> [e.tolist() for e in perturbation([g])[0][0]]
     [[0.30000001192092896, 0.4000000059604645]]
@@ -118,13 +125,16 @@ def perturbation(
     scaled = [_scaled_grads(g, foreach) if g.grads else [] for g in groups]  # T g per group
     epsilons: list[list[Tensor]] = [[] for _ in groups]
     norms: list[Tensor] = []
+    sizes: list[Tensor] = []  # ||ε̂_i||_2 per group, for ``record``
+    dual_norms: list[Tensor] = []  # ||T g||_q per p-class (for p = inf, norm holds only the largest 1-norm)
     for p in sorted({float(g.p) for g in groups}):
         members = [i for i, g in enumerate(groups) if float(g.p) == p and len(g.grads) > 0]
         if not members:
             continue
         q = dual_exponent(p)
         device = scaled[members[0]][0].device
-        per_tensor = [n for i in members for n in _norms(scaled[i], q, foreach)]
+        per_group = [_norms(scaled[i], q, foreach) for i in members]
+        per_tensor = [n for norms_i in per_group for n in norms_i]
         if any(n.device != device for n in per_tensor):  # parameters on several devices (model parallel)
             per_tensor = [n.to(device) for n in per_tensor]
         stacked = torch.stack(per_tensor)
@@ -146,8 +156,46 @@ def perturbation(
         for i in members:
             target = None if out is None else list(out[i])
             epsilons[i] = _epsilon(groups[i], scaled[i], p, q, denominator, foreach, target)
+        if record is not None:
+            sizes.extend(_epsilon_sizes(groups, members, stacked, epsilons, norm, denominator, p, foreach, shards))
+            dual_norms.append(torch.linalg.vector_norm(stacked, 1) if math.isinf(p) else norm)
     norm = torch.stack([n.to(norms[0].device) for n in norms]).max() if norms else None
+    if record is not None and norm is not None:
+        record["grad_norm"] = dual_norms[0] if len(dual_norms) == 1 else _on(dual_norms, norm.device).max()
+        record["eps_norm"] = sizes[0] if len(sizes) == 1 else torch.linalg.vector_norm(_on(sizes, norm.device))
     return epsilons, norm
+
+
+def _on(tensors: list[Tensor], device: torch.device) -> Tensor:
+    return torch.stack([t.to(device) for t in tensors])
+
+
+def _epsilon_sizes(groups, members, whole_norms, epsilons, norm, denominator, p, foreach, shards) -> list[Tensor]:
+    """||ε̂_i||_2 of each member group of one p-class (see ``record`` in ``perturbation``); ``whole_norms`` holds
+    the members' per-tensor ||T g||_q in order, already over every shard. Under FSDP2 a measured ε̂ norm takes
+    one all-reduce for the whole p-class."""
+    sizes: list[Optional[Tensor]] = []
+    measured: list[Tensor] = []  # this rank's per-tensor ||ε̂||_2 of the groups measured on ε̂
+    spans: list[tuple[int, int, int]] = []  # (index in sizes, start, end) in measured
+    start = 0
+    for i in members:
+        group, count = groups[i], len(groups[i].grads)
+        if p == 2.0 and not group.adaptive:  # ε̂_i = (rho_i / denominator) g_i
+            g_norm = norm if len(members) == 1 else torch.linalg.vector_norm(whole_norms[start : start + count])
+            sizes.append(g_norm * (abs(group.rho) / denominator))
+        else:
+            local = [n.to(norm.device) for n in _norms(epsilons[i], 2.0, foreach)]
+            spans.append((len(sizes), len(measured), len(measured) + len(local)))
+            measured.extend(local)
+            sizes.append(None)
+        start += count
+    if measured:
+        stacked = torch.stack(measured)
+        if shards is not None:
+            stacked = shards.whole_norms(stacked, 2.0)
+        for index, first, last in spans:
+            sizes[index] = torch.linalg.vector_norm(stacked[first:last])
+    return [cast(Tensor, size) for size in sizes]
 
 
 def _scale(group: PerturbationGroup, foreach: bool) -> Optional[TensorList]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Optional, Sequence, cast
+from typing import Any, Callable, Optional, Sequence, Union, cast
 
 import torch
 from torch import Tensor
@@ -41,6 +41,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 from samkit.optim import sharded
 from samkit.optim.perturbation import GROUP_OPTIONS, PerturbationGroup, check_group_options, perturbation
 from samkit.optim.protocol import Phase, StepState
+from samkit.optim.step_stats import StepStats, StepStatsRecorder
 
 RESTORE_BY = ("copy", "swap")
 
@@ -146,6 +147,7 @@ class SAM(Optimizer):
         self.foreach = True if foreach is None else bool(foreach)
         self.restore_by = restore_by
         self._step = StepState()  # everything a step changes (samkit.optim.protocol)
+        self._stats = StepStatsRecorder()  # what the last step did (samkit.optim.step_stats); shared by copies too
 
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
@@ -330,6 +332,23 @@ class SAM(Optimizer):
         return self._step.steps
 
     @property
+    def last_step_stats(self) -> Optional[StepStats]:
+        """What the last completed step did (``samkit.optim.step_stats.StepStats``: ||g||, ||ε̂||, the loss rise,
+        the LR, ...), as plain floats; None before the first step and while recording is off. The first read after
+        a step copies its values from the device once; the step itself never waits for the device."""
+        return self._stats.last()
+
+    def record_step_stats(self, enabled: bool = True, *, cosine: bool = False) -> SAM:
+        """Switch the recording of ``last_step_stats`` on (the default) or off, and the cosine between the clean
+        and the perturbed gradient on (it keeps a copy of g and takes a dot product: see BENCHMARKS.md)."""
+        if not isinstance(enabled, bool) or not isinstance(cosine, bool):
+            raise TypeError(f"enabled and cosine must be True or False, got enabled={enabled!r}, cosine={cosine!r}")
+        if cosine and not enabled:
+            raise ValueError("cosine=True needs the recording on: call record_step_stats(True, cosine=True)")
+        self._stats.configure(enabled, cosine)
+        return self
+
+    @property
     def sam_steps(self) -> int:
         return self._step.sam_steps
 
@@ -347,6 +366,7 @@ class SAM(Optimizer):
         """
         if self._step.decided:
             raise RuntimeError(f"decide() called twice in one step (this step is already {self._step.phase.value})")
+        self._stats.discard()  # a new step: nothing of an aborted one carries over
         sam = bool(self._decide(self._gradient_list(grads)))
         self._step.phase = Phase.SAM if sam else Phase.PLAIN
         return sam
@@ -356,6 +376,7 @@ class SAM(Optimizer):
         """Make the step in progress a one-pass step without consulting the rule (call it before first_step)."""
         if self._step.decided:
             raise RuntimeError(f"skip_perturbation() after this step's decision (it is {self._step.phase.value})")
+        self._stats.discard()
         self._step.phase = Phase.PLAIN
 
     @torch.compiler.disable
@@ -392,6 +413,7 @@ class SAM(Optimizer):
             )
         gradients = self._gradient_list(grads)
         if state.phase is Phase.READY:
+            self._stats.discard()  # a new step: nothing of an aborted one carries over
             state.phase = Phase.SAM if bool(self._decide(gradients)) else Phase.PLAIN
         if state.phase is Phase.PLAIN:
             if zero_grad:
@@ -400,8 +422,10 @@ class SAM(Optimizer):
             return False
         if type(self).uses_clean_gradient:
             self._accumulate_clean(gradients, weight)
+        else:
+            self._stats.keep_clean(gradients, weight)
         if move:
-            self._ascend(gradients)
+            self._stats.ascent(self._ascend(gradients), weight)
         if zero_grad:
             self.zero_grad()
         return True
@@ -415,7 +439,8 @@ class SAM(Optimizer):
             if g is not None:
                 state.clean[i] = g.detach() * weight if state.clean[i] is None else state.clean[i].add(g, alpha=weight)
 
-    def _ascend(self, gradients: list[Optional[Tensor]]) -> None:
+    def _ascend(self, gradients: list[Optional[Tensor]]) -> dict[str, Tensor]:
+        """Save w and move to w + ε̂; return the ascent's norms for the step's diagnostics (empty when off)."""
         groups = self._ascent_groups(self._perturbation_groups(gradients))
         keys = [t for g in groups for t in g.params]
         groups, shards = sharded.local_groups(groups)  # FSDP2: each rank's shards, the norm over all of them
@@ -423,14 +448,21 @@ class SAM(Optimizer):
             _refuse_swap_when_sharded(self.restore_by)
         params = [t for g in groups for t in g.params]
         saved = self._saved_buffers(params, keys)
+        record: Optional[dict[str, Tensor]] = {} if self._stats.enabled else None
         if self.restore_by == "swap":
-            saved = self._swap_in(groups, params, saved)  # now the original storages, swapped back on restore
+            saved = self._swap_in(groups, params, saved, record)  # the original storages, swapped back on restore
         elif self.foreach and params:
             # save w, let ε̂ be computed in the weights' own memory (no temporary), then w = ε̂ + saved
             torch._foreach_copy_(saved, params)
             try:
                 _, norm = perturbation(
-                    groups, eps=self.eps, foreach=True, out=[g.params for g in groups], check_out=False, shards=shards
+                    groups,
+                    eps=self.eps,
+                    foreach=True,
+                    out=[g.params for g in groups],
+                    check_out=False,
+                    shards=shards,
+                    record=record,
                 )
                 finite = bool(torch.isfinite(cast(Tensor, norm)))  # params has gradients, so a norm exists
             except BaseException:
@@ -442,7 +474,7 @@ class SAM(Optimizer):
                 self._raise_non_finite(cast(Tensor, norm))
             torch._foreach_add_(params, saved)  # ε̂ + w: IEEE addition commutes, so bit-exact with w + ε̂
         else:  # the per-tensor reference path
-            epsilons, norm = perturbation(groups, eps=self.eps, foreach=False, shards=shards)
+            epsilons, norm = perturbation(groups, eps=self.eps, foreach=False, shards=shards, record=record)
             if norm is not None and not bool(torch.isfinite(norm)):
                 self._raise_non_finite(norm)
             for buffer, t, e in zip(saved, params, (e for eg in epsilons for e in eg)):
@@ -450,8 +482,15 @@ class SAM(Optimizer):
                 t.add_(e)
         self._step.perturbed, self._step.saved = params, saved
         self._step.phase = Phase.PERTURBED
+        return {} if record is None else record
 
-    def _swap_in(self, groups: list[PerturbationGroup], params: list[Tensor], buffers: list[Tensor]) -> list[Tensor]:
+    def _swap_in(
+        self,
+        groups: list[PerturbationGroup],
+        params: list[Tensor],
+        buffers: list[Tensor],
+        record: Optional[dict[str, Tensor]] = None,
+    ) -> list[Tensor]:
         """restore_by="swap": buffer = ε̂ + w (bit-exact with w + ε̂), then each parameter's data becomes its buffer.
 
         Returns the parameters' original data, which ``restore`` swaps back in."""
@@ -459,7 +498,7 @@ class SAM(Optimizer):
         for group in groups:
             nested.append(buffers[start : start + len(group.params)])
             start += len(group.params)
-        _, norm = perturbation(groups, eps=self.eps, foreach=self.foreach, out=nested, check_out=False)
+        _, norm = perturbation(groups, eps=self.eps, foreach=self.foreach, out=nested, check_out=False, record=record)
         if norm is not None and not bool(torch.isfinite(norm)):
             self._raise_non_finite(norm)  # the weights were never touched
         if self.foreach and params:
@@ -510,8 +549,13 @@ class SAM(Optimizer):
         *,
         scaler: Optional[torch.amp.GradScaler] = None,
         max_grad_norm: Optional[float] = None,
+        loss: Optional[Union[Tensor, float]] = None,
+        perturbed_loss: Optional[Union[Tensor, float]] = None,
     ) -> None:
         """Restore w and run the base optimizer with the descent gradient (g_s, or g on a one-pass step).
+
+        ``loss`` (the clean pass's, L(w)) and ``perturbed_loss`` (the second pass's, L(w + ε̂)), optional, go into
+        ``last_step_stats`` (its ``loss_rise`` needs both); tensors are read only when the stats are.
 
         ``max_grad_norm`` clips the descent gradient's global 2-norm (after the variant has formed it, before the
         base step). With a ``scaler``, the base step goes through ``scaler.step`` (skipped when the gradients
@@ -520,6 +564,7 @@ class SAM(Optimizer):
         """
         if not self._step.decided:
             raise RuntimeError("second_step() called without first_step(): call first_step() after the first backward")
+        self._stats.losses(loss, perturbed_loss)
         self.restore()  # the hooks see w, as they do around step()
         for hook in (*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
             hook(self, (self,), {})
@@ -536,6 +581,8 @@ class SAM(Optimizer):
         if not sam and all(t.grad is None for t, _ in state.set_aside):  # a one-pass step whose loop ran no 2nd pass
             for t, g in state.set_aside:
                 t.grad = g
+        if self._stats.enabled:
+            self._stats.before_descent(sam, self._params(), state.clean, self.param_groups[0].get("lr"))
         if scaler is not None and type(self)._descend is not SAM._descend:
             _unscale_once(scaler, self.base_optimizer)  # the variant's descent mixes g and g_s: both unscaled
         self._descend(sam)
@@ -549,6 +596,7 @@ class SAM(Optimizer):
             scaler.step(self.base_optimizer)
         self._after_base_step(sam)
         state.end_step(sam, self._step_passes(sam))
+        self._stats.end(state.steps, sam)
         self._opt_called = True  # what an LR scheduler attached to this optimizer checks for
 
     def _step_passes(self, sam: bool) -> float:
@@ -563,6 +611,7 @@ class SAM(Optimizer):
         self._step.phase = Phase.READY
         self._step.set_aside = []
         self._step.clean = None
+        self._stats.discard()
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -577,12 +626,14 @@ class SAM(Optimizer):
             )
         closure = torch.enable_grad()(closure)
         loss = closure()
+        perturbed_loss = None
         if self.first_step(zero_grad=True):
             try:
-                closure()
+                perturbed_loss = closure()
             except BaseException:
                 self.cancel_step()  # never leave the weights at w + ε̂
                 raise
+        self._stats.losses(_loss_value(loss), _loss_value(perturbed_loss))
         self._finish_step(None)  # step() itself runs the step hooks (torch wraps it)
         return loss
 
@@ -715,6 +766,7 @@ class SAM(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_stats", StepStatsRecorder())  # pickled before step stats existed
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_optimizer={self.base_optimizer!r}, {self._options()})"
@@ -727,6 +779,13 @@ def _refuse_swap_when_sharded(restore_by: str) -> None:
             "its own sharded storage, not from param.data, so the perturbed pass would silently run at w instead of "
             "w + ε̂; use restore_by='copy' (the default)"
         )
+
+
+def _loss_value(value: Any) -> Optional[Union[Tensor, float]]:
+    """A closure's return value as the step's diagnostics take it: a scalar tensor or number, else None."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return value
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _copied(value: Any) -> Any:

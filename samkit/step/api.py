@@ -101,15 +101,17 @@ def sam_step(
         if backend == "vmap":
             from samkit.step.vectorized import vectorized_step_gradients
 
-            loss, finite = vectorized_step_gradients(
+            loss, finite, perturbed_loss = vectorized_step_gradients(
                 optimizer, model, loss_fn, inputs, targets, micro_batches, perturbation, precision, params
             )
         elif selects_examples(optimizer):
+            # the perturbed pass runs on the selected examples only: no loss at w + ε̂ over the batch to compare
             loss, finite = selective_step_gradients(
                 optimizer, model, loss_fn, inputs, targets, micro_batches, perturbation, precision, params
             )
+            perturbed_loss = None
         else:
-            loss, finite = loop_step_gradients(
+            loss, finite, perturbed_loss = loop_step_gradients(
                 optimizer, model, loss_fn, inputs, targets, micro_batches, perturbation, precision, params
             )
     except BaseException:
@@ -126,7 +128,9 @@ def sam_step(
             return loss
     if is_ddp(model) and optimizer.clean_gradient is not None:
         _average_over_replicas(optimizer.clean_gradient)
-    optimizer.second_step(scaler=precision.scaler, max_grad_norm=max_grad_norm)
+    optimizer.second_step(
+        scaler=precision.scaler, max_grad_norm=max_grad_norm, loss=loss, perturbed_loss=perturbed_loss
+    )
     if precision.scaler is not None:
         precision.scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -30,7 +30,8 @@ from samkit.step.common import (
 
 
 def loop_step_gradients(optimizer, model, loss_fn, inputs, targets, k, mode, precision, params):
-    """Leave the final (scaled) gradient in ``.grad``; return (mean clean loss, all gradients finite)."""
+    """Leave the final (scaled) gradient in ``.grad``; return (mean clean loss, all gradients finite, mean
+    perturbed loss or None on a one-pass step)."""
     chunks = split_batch(inputs, targets, k)
     plan = optimizer.will_perturb
     if plan is None:
@@ -40,14 +41,13 @@ def loop_step_gradients(optimizer, model, loss_fn, inputs, targets, k, mode, pre
         total = _accumulate_clean(model, loss_fn, chunks, precision, sync_last=not plan or is_fsdp(model))
         if not plan:
             optimizer.first_step()  # a one-pass step: .grad is the descent gradient
-            return total, all_finite(_trainable(params), model, precision)
+            return total, all_finite(_trainable(params), model, precision), None
         grads = [t.grad for t in params]
         precision.unscale_(grads)
         if not all_finite(_trainable(params), model, precision, grads):
-            return total, False
+            return total, False, None
         optimizer.first_step(zero_grad=True, grads=grads)  # .grad is dropped, the tensors in grads live on
-        _perturbed_passes(optimizer, model, loss_fn, chunks, precision)
-        return total, True
+        return total, True, _perturbed_passes(optimizer, model, loss_fn, chunks, precision)
     return _per_micro_batch(optimizer, model, loss_fn, chunks, precision, params)
 
 
@@ -76,13 +76,17 @@ def _mean_loss(model, loss_fn, x, y, precision, losses=None):
     return per_example.mean()  # the operations of forward_loss on a per-example loss
 
 
-def _perturbed_passes(optimizer, model, loss_fn, chunks, precision) -> None:
-    """With the weights at w + ε̂: accumulate the perturbed gradient (DDP all-reduces the last), then restore."""
+def _perturbed_passes(optimizer, model, loss_fn, chunks, precision):
+    """With the weights at w + ε̂: accumulate the perturbed gradient (DDP all-reduces the last), then restore.
+    Returns the mean perturbed loss (detached)."""
+    total = 0.0
     for j, (x, y, weight) in enumerate(chunks):
         with frozen_running_stats(model), no_sync(model, enabled=j < len(chunks) - 1):
             perturbed = forward_loss(model, loss_fn, x, y, precision)
             precision.scale(perturbed * weight).backward()
+        total = total + perturbed.detach() * weight
     optimizer.restore()
+    return total
 
 
 def _clean_gradient(model, loss_fn, x, y, precision, params, losses=None):
@@ -97,31 +101,34 @@ def _clean_gradient(model, loss_fn, x, y, precision, params, losses=None):
     return loss.detach(), [by_param.get(t) for t in params]
 
 
-def _ascend_and_pass(optimizer, model, loss_fn, x, y, weight, last, precision, grads) -> None:
+def _ascend_and_pass(optimizer, model, loss_fn, x, y, weight, last, precision, grads):
     optimizer.first_step(grads=grads, weight=weight)
-    _perturbed_pass(optimizer, model, loss_fn, x, y, weight, last, precision)
+    return _perturbed_pass(optimizer, model, loss_fn, x, y, weight, last, precision)
 
 
-def _perturbed_pass(optimizer, model, loss_fn, x, y, weight, last, precision) -> None:
-    """With the weights at w + ε̂: one micro-batch's perturbed gradient added to .grad (DDP: synced if last), restore."""
+def _perturbed_pass(optimizer, model, loss_fn, x, y, weight, last, precision):
+    """With the weights at w + ε̂: one micro-batch's perturbed gradient added to .grad (DDP: synced if last), restore.
+    Returns its perturbed loss times ``weight`` (detached)."""
     with frozen_running_stats(model), no_sync(model, enabled=not last):
         perturbed = forward_loss(model, loss_fn, x, y, precision)
         precision.scale(perturbed * weight).backward()
     optimizer.restore()
+    return perturbed.detach() * weight
 
 
 def _per_micro_batch(optimizer, model, loss_fn, chunks, precision, params):
-    total = 0.0
+    total, perturbed = 0.0, 0.0
     for j, (x, y, weight) in enumerate(chunks):
         loss, grads = _clean_gradient(model, loss_fn, x, y, precision, params)
         total = total + loss * weight
         precision.unscale_(grads)
         if not all_finite(_trainable(params), model, precision, grads):
             optimizer.cancel_step()
-            return total, False
-        _ascend_and_pass(optimizer, model, loss_fn, x, y, weight, j == len(chunks) - 1, precision, grads)
+            return total, False, None
+        last = j == len(chunks) - 1
+        perturbed = perturbed + _ascend_and_pass(optimizer, model, loss_fn, x, y, weight, last, precision, grads)
         del grads
-    return total, True
+    return total, True, perturbed
 
 
 def _decided_from_gradient(optimizer, model, loss_fn, chunks, precision, mode, params):
@@ -146,20 +153,21 @@ def _decided_from_gradient(optimizer, model, loss_fn, chunks, precision, mode, p
     # the synced gradient already is the global one)
     decision = precision.unscaled(whole)
     if not all_finite(trainable, model, precision, decision):
-        return total, False
+        return total, False, None
     if not optimizer.decide(decision):
         for t, g in zip(params, whole):  # a one-pass step: the (scaled) batch gradient, averaged over replicas
             t.grad = g
-        return total, True
+        return total, True, None
     if not separate:
         grads = [t.grad for t in params]
         precision.unscale_(grads)
         optimizer.first_step(zero_grad=True, grads=grads)
-        _perturbed_passes(optimizer, model, loss_fn, chunks, precision)
-        return total, True
+        return total, True, _perturbed_passes(optimizer, model, loss_fn, chunks, precision)
     for t in params:
         t.grad = None
+    perturbed = 0.0
     for j, ((x, y, weight), grads) in enumerate(zip(chunks, parts)):
         precision.unscale_(grads)
-        _ascend_and_pass(optimizer, model, loss_fn, x, y, weight, j == len(chunks) - 1, precision, grads)
-    return total, True
+        last = j == len(chunks) - 1
+        perturbed = perturbed + _ascend_and_pass(optimizer, model, loss_fn, x, y, weight, last, precision, grads)
+    return total, True, perturbed

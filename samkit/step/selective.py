@@ -110,7 +110,7 @@ def selective_step_gradients(optimizer, model, loss_fn, inputs, targets, k, mode
     return (mean clean loss over the whole batch, all gradients finite)."""
     losses_fn = _per_example(loss_fn, optimizer)
     if optimizer.will_perturb is not True:  # a one-pass step: nothing to select, the batch's mean loss
-        return loop_step_gradients(optimizer, model, losses_fn, inputs, targets, k, mode, precision, params)
+        return loop_step_gradients(optimizer, model, losses_fn, inputs, targets, k, mode, precision, params)[:2]
     chunks = split_batch(inputs, targets, k)
     if mode == "shared":
         return _shared(optimizer, model, losses_fn, inputs, targets, chunks, precision, params)

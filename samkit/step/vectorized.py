@@ -24,7 +24,8 @@ from samkit.step.common import all_finite, forward_loss, is_ddp
 
 
 def vectorized_step_gradients(optimizer, model, loss_fn, inputs, targets, k, mode, precision, params):
-    """Leave the final (scaled) gradient in ``.grad``; return (mean clean loss, all gradients finite)."""
+    """Leave the final (scaled) gradient in ``.grad``; return (mean clean loss, all gradients finite, mean perturbed
+    loss or None on a one-pass step)."""
     trainable = [t for t in params if t.requires_grad]
     _check_vectorisable(model, inputs, k, is_ddp(model))
     names = {id(t): name for name, t in model.named_parameters()}
@@ -55,14 +56,14 @@ def vectorized_step_gradients(optimizer, model, loss_fn, inputs, targets, k, mod
         _set_mean_grads(trainable, grads)  # the (scaled) clean batch gradient: the descent gradient of a one-pass step
         if optimizer.will_perturb is False:
             optimizer.first_step()
-            return losses.mean(), all_finite(trainable, model, precision)
+            return losses.mean(), all_finite(trainable, model, precision), None
         grads = list(grads)
         precision.unscale_(grads)
         if not all_finite(trainable, model, precision, grads):
-            return losses.mean(), False
+            return losses.mean(), False, None
         by_param = {id(t): g.mean(0) for t, g in zip(trainable, grads)}
         if not optimizer.first_step(grads=[by_param.get(id(t)) for t in params], move=False):
-            return losses.mean(), True  # the rule read g and chose one pass
+            return losses.mean(), True, None  # the rule read g and chose one pass
 
         def ascent(g):
             return _epsilons(optimizer, params, trainable, g)
@@ -74,13 +75,15 @@ def vectorized_step_gradients(optimizer, model, loss_fn, inputs, targets, k, mod
             eps = vmap(ascent)(tuple(grads))
             perturbed, weight_dims = _add(weights, eps), 0
         del grads, eps
-        perturbed_grads, _ = vmap(gradient, in_dims=(weight_dims, 0, 0), randomness="different")(perturbed, xs, ys)
+        perturbed_grads, perturbed_losses = vmap(gradient, in_dims=(weight_dims, 0, 0), randomness="different")(
+            perturbed, xs, ys
+        )
     except RuntimeError as error:
         raise RuntimeError(
             f"backend='vmap' could not vectorise this model ({error}); use backend='loop'"
         ) from error
     _set_mean_grads(trainable, perturbed_grads)
-    return losses.mean(), True
+    return losses.mean(), True, perturbed_losses.mean()
 
 
 def _add(weights, eps):

@@ -1,7 +1,8 @@
 """Every optimizer of the SAM family, built with options under which its own mechanism acts within a few steps.
 
 The shared suite (test_family.py) runs each through the same loops: two-step API, closure, sam_step (micro-batches,
-both perturbation modes, AMP, bf16, clipping, BatchNorm, DDP), checkpoints and copies.
+both perturbation modes, AMP, bf16, clipping, BatchNorm, DDP), checkpoints and copies; test_step_stats_family.py
+checks each member's ``last_step_stats`` against what its steps measurably did.
 """
 
 from __future__ import annotations
