@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from samkit.optim.perturbation import GROUP_OPTIONS, PerturbationGroup, check_group_options, perturbation
+from samkit.optim.perturbation import GROUP_OPTIONS, PerturbationGroup, check_group_options, is_number, perturbation
 from samkit.optim.protocol import Phase, StepState
 
 RESTORE_BY = ("copy", "swap")
@@ -62,6 +62,16 @@ def check_base_optimizer(base_optimizer) -> None:
             "base_optimizer LBFGS re-evaluates the loss itself inside step(closure), so it cannot step with the "
             "gradient taken at w + ε̂; use a first-order optimizer (SGD, Adam, AdamW, ...)"
         )
+
+
+def sparse_gradient_message(param: Tensor, index: Optional[int] = None) -> str:
+    """The refusal of a sparse gradient, naming the parameter (shape; position in param-group order) and the fix."""
+    shape = tuple(param.shape)
+    where = f"parameter of shape {shape}" if index is None else f"parameter {index}, shape {shape}"
+    return (
+        f"SAM does not support sparse gradients ({where}): ε̂ and the perturbed pass need dense gradients; use "
+        "dense gradients, e.g. nn.Embedding(..., sparse=False) or nn.EmbeddingBag(..., sparse=False)"
+    )
 
 
 class SAM(Optimizer):
@@ -134,7 +144,7 @@ class SAM(Optimizer):
             )
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1 (1 = SAM on every step), got {interval!r}")
-        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        if not is_number(eps) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         if restore_by not in RESTORE_BY:
             raise ValueError(f"restore_by must be one of {RESTORE_BY}, got {restore_by!r}")
@@ -387,18 +397,26 @@ class SAM(Optimizer):
             raise RuntimeError(
                 "first_step() called twice in a one-pass step (first_step returned False): call second_step()"
             )
-        gradients = self._gradient_list(grads)
-        if state.phase is Phase.READY:
-            state.phase = Phase.SAM if bool(self._decide(gradients)) else Phase.PLAIN
-        if state.phase is Phase.PLAIN:
-            if zero_grad:
-                state.set_aside = [(t, t.grad) for t in self._params() if t.grad is not None]
-                self.zero_grad()
-            return False
-        if type(self).uses_clean_gradient:
-            self._accumulate_clean(gradients, weight)
-        if move:
-            self._ascend(gradients)
+        # a refusal (wrong grads, sparse or complex gradients, a non-finite norm or ε̂) leaves the step as it was
+        before = (state.phase, state.clean if state.clean is None else list(state.clean), dict(state.memory))
+        try:
+            gradients = self._gradient_list(grads)
+            if state.phase is Phase.READY:
+                state.phase = Phase.SAM if bool(self._decide(gradients)) else Phase.PLAIN
+            if state.phase is Phase.PLAIN:
+                if zero_grad:
+                    state.set_aside = [(t, t.grad) for t in self._params() if t.grad is not None]
+                    self.zero_grad()
+                return False
+            if type(self).uses_clean_gradient:
+                self._accumulate_clean(gradients, weight)
+            if move:
+                self._ascend(gradients)  # on a refusal the weights are back at w
+        except BaseException:
+            state.phase, state.clean = before[0], before[1]
+            state.memory.clear()  # the same dict object: a wrapper sharing it sees the restored state
+            state.memory.update(before[2])
+            raise
         if zero_grad:
             self.zero_grad()
         return True
@@ -425,22 +443,24 @@ class SAM(Optimizer):
                 _, norm = perturbation(
                     groups, eps=self.eps, foreach=True, out=[g.params for g in groups], check_out=False
                 )
-                finite = bool(torch.isfinite(cast(Tensor, norm)))  # params has gradients, so a norm exists
+                torch._foreach_add_(params, saved)  # ε̂ + w: IEEE addition commutes, so bit-exact with w + ε̂
+                self._check_written(cast(Tensor, norm), params)  # params has gradients, so a norm exists
             except BaseException:
                 torch._foreach_copy_(params, saved)  # the weights may hold part of ε̂: put w back
-                self._step.phase = Phase.READY
                 raise
-            if not finite:
-                torch._foreach_copy_(params, saved)
-                self._raise_non_finite(cast(Tensor, norm))
-            torch._foreach_add_(params, saved)  # ε̂ + w: IEEE addition commutes, so bit-exact with w + ε̂
-        else:  # the per-tensor reference path
+        elif params:  # the per-tensor reference path
             epsilons, norm = perturbation(groups, eps=self.eps, foreach=False)
-            if norm is not None and not bool(torch.isfinite(norm)):
-                self._raise_non_finite(norm)
+            if not bool(torch.isfinite(cast(Tensor, norm))):
+                self._raise_non_finite(cast(Tensor, norm))  # the weights were never touched
             for buffer, t, e in zip(saved, params, (e for eg in epsilons for e in eg)):
                 buffer.copy_(t)
                 t.add_(e)
+            try:
+                self._check_written(cast(Tensor, norm), params)
+            except BaseException:
+                for t, buffer in zip(params, saved):
+                    t.copy_(buffer)
+                raise
         self._step.perturbed, self._step.saved = params, saved
         self._step.phase = Phase.PERTURBED
 
@@ -453,21 +473,41 @@ class SAM(Optimizer):
             nested.append(buffers[start : start + len(group.params)])
             start += len(group.params)
         _, norm = perturbation(groups, eps=self.eps, foreach=self.foreach, out=nested, check_out=False)
-        if norm is not None and not bool(torch.isfinite(norm)):
-            self._raise_non_finite(norm)  # the weights were never touched
         if self.foreach and params:
             torch._foreach_add_(buffers, params)
         else:
             for buffer, t in zip(buffers, params):
                 buffer.add_(t)
+        if norm is not None:
+            self._check_written(norm, buffers, params)  # the weights were never touched
         originals = [t.data for t in params]
         for t, buffer in zip(params, buffers):
             t.data = buffer
         return originals
 
+    def _check_written(self, norm: Tensor, written: list[Tensor], params: Optional[list[Tensor]] = None) -> None:
+        """Raise unless the gradient norm and every value of w + ε̂ (``written``, for ``params``) are finite."""
+        finite = [torch.isfinite(norm)]
+        present = [(i, t) for i, t in enumerate(written) if t.numel() > 0]
+        if present:  # max |x| (the inf-norm) is finite exactly when every entry is, and cannot overflow
+            maxima = torch._foreach_norm([t for _, t in present], math.inf)
+            finite.extend(torch.isfinite(m).to(norm.device) for m in maxima)
+        flags = torch.stack(finite)
+        if bool(flags.all()):  # one synchronisation for the whole check
+            return
+        if not bool(flags[0]):
+            self._raise_non_finite(norm)
+        position = present[int((~flags[1:]).nonzero()[0, 0])][0]
+        t = (written if params is None else params)[position]
+        index = next(i for i, q in enumerate(self._params()) if q is t)
+        raise FloatingPointError(
+            f"w + ε̂ is not finite in parameter {index} (shape {tuple(t.shape)}, {t.dtype}) although the gradient norm "
+            f"is {norm.item()}: SAM will not write non-finite values into the weights (they are back at w). The "
+            f"weights are close to the largest {t.dtype} value or rho is too large for it: lower rho, or keep the "
+            "parameters in float32 and train under torch.autocast"
+        )
+
     def _raise_non_finite(self, norm: Tensor) -> None:
-        self._step.phase = Phase.READY
-        self._step.clean = None
         raise FloatingPointError(
             f"the gradient norm in first_step is {norm.item()}: SAM will not write non-finite values into the "
             "weights. Under mixed precision, unscale the gradients first or use samkit.sam_step(..., "
@@ -507,9 +547,13 @@ class SAM(Optimizer):
         """Restore w and run the base optimizer with the descent gradient (g_s, or g on a one-pass step).
 
         ``max_grad_norm`` clips the descent gradient's global 2-norm (after the variant has formed it, before the
-        base step). With a ``scaler``, the base step goes through ``scaler.step`` (skipped when the gradients
-        overflowed); the caller still calls ``scaler.update()`` once per step. Step hooks registered on this optimizer
-        (``register_step_pre_hook`` / ``register_step_post_hook``) run around it.
+        base step). With a ``scaler``, the gradients are unscaled here (once) and a step whose gradients
+        overflowed is skipped whole, through ``scaler.step``: w restored, no base step, the variant's descent and
+        state and the counters untouched; the caller still calls ``scaler.update()`` once per step. Without a
+        scaler, an inf or NaN gradient of the perturbed pass (at w + ε̂) raises ``FloatingPointError`` as the
+        clean pass's does in ``first_step``: w restored and the step abandoned (nothing stepped, counters and state
+        as before the step). Step hooks registered on this optimizer (``register_step_pre_hook`` /
+        ``register_step_post_hook``) run around it.
         """
         if not self._step.decided:
             raise RuntimeError("second_step() called without first_step(): call first_step() after the first backward")
@@ -529,8 +573,14 @@ class SAM(Optimizer):
         if not sam and all(t.grad is None for t, _ in state.set_aside):  # a one-pass step whose loop ran no 2nd pass
             for t, g in state.set_aside:
                 t.grad = g
-        if scaler is not None and type(self)._descend is not SAM._descend:
+        if scaler is not None and scaler.is_enabled():
             _unscale_once(scaler, self.base_optimizer)  # the variant's descent mixes g and g_s: both unscaled
+            if _found_inf(scaler, self.base_optimizer):  # an overflow: the scaler's business, skipped whole
+                scaler.step(self.base_optimizer)  # records the overflow for scaler.update() and skips the base step
+                self.cancel_step()
+                return
+        elif sam:
+            self._check_perturbed_gradient()
         self._descend(sam)
         if max_grad_norm is not None:
             if scaler is not None:
@@ -543,6 +593,27 @@ class SAM(Optimizer):
         self._after_base_step(sam)
         state.end_step(sam, self._step_passes(sam))
         self._opt_called = True  # what an LR scheduler attached to this optimizer checks for
+
+    def _check_perturbed_gradient(self) -> None:
+        """Abandon the step and raise when a gradient of the perturbed pass is inf or NaN (w is already restored)."""
+        grads = [(i, t, t.grad) for i, t in enumerate(self._params())]
+        present = [(i, t, g) for i, t, g in grads if g is not None and not g.is_sparse and g.numel() > 0]
+        if not present:
+            return
+        maxima = torch._foreach_norm([g for _, _, g in present], math.inf)  # max |g|: finite iff all are, no overflow
+        device = maxima[0].device
+        finite = torch.stack([torch.isfinite(m).to(device) for m in maxima])
+        if bool(finite.all()):
+            return
+        index, t, _ = present[int((~finite).nonzero()[0, 0])]
+        self.cancel_step()
+        raise FloatingPointError(
+            f"the gradient of the perturbed pass (at w + ε̂) is inf or NaN in parameter {index} (shape "
+            f"{tuple(t.shape)}): SAM will not write non-finite values into the weights. The weights are back at w "
+            "and the step was abandoned (no base step; counters and state as before it): zero the gradients and go "
+            "on with the next batch, lower rho or the learning rate, or under fp16 pass a GradScaler "
+            "(second_step(scaler=...) or samkit.sam_step(..., scaler=...)), which skips such steps"
+        )
 
     def _step_passes(self, sam: bool) -> float:
         """Forward-backward passes over the batch that this step cost."""
@@ -602,16 +673,26 @@ class SAM(Optimizer):
     def _perturbation_groups(self, gradients: list[Optional[Tensor]]) -> list[PerturbationGroup]:
         position = 0
         groups = []
-        for group in self.param_groups:
+        for number, group in enumerate(self.param_groups):
             members = group["params"]
-            pairs = [(t, g) for t, g in zip(members, gradients[position : position + len(members)]) if g is not None]
+            start = position
+            indexed = zip(range(start, start + len(members)), members, gradients[start : start + len(members)])
             position += len(members)
-            sparse = next((t for t, g in pairs if g.is_sparse), None)
+            present = [(i, t, g) for i, t, g in indexed if g is not None]
+            sparse = next(((i, t) for i, t, g in present if g.is_sparse), None)
             if sparse is not None:
-                raise RuntimeError(
-                    f"SAM does not support sparse gradients (parameter of shape {tuple(sparse.shape)}); use dense "
-                    "gradients, e.g. nn.Embedding(..., sparse=False)"
+                raise RuntimeError(sparse_gradient_message(sparse[1], sparse[0]))
+            complex_ = next(((i, t) for i, t, g in present if t.is_complex() or g.is_complex()), None)
+            if complex_ is not None and float(group["p"]) != 2.0:
+                i, t = complex_
+                raise ValueError(
+                    f"p={group['p']!r} (param group {number}) is not defined for the complex parameter {i} (shape "
+                    f"{tuple(t.shape)}, {t.dtype}): ε̂ for p != 2 takes the sign of each entry, which a complex number "
+                    "does not have; use p=2 for this param group (it treats a complex entry as its real and imaginary "
+                    "parts), or make the parameter real (e.g. a real tensor of shape (..., 2) viewed with "
+                    "torch.view_as_complex in forward)"
                 )
+            pairs = [(t, g) for _, t, g in present]
             groups.append(
                 PerturbationGroup.from_param_group(
                     group, [t for t, _ in pairs], [g for _, g in pairs], rho=self._group_rho(group)
@@ -652,6 +733,8 @@ class SAM(Optimizer):
         state = self.base_optimizer.state_dict()
         state["sam"] = {
             "class": type(self).__name__,
+            "base": type(self.base_optimizer).__name__,
+            "shapes": [list(t.shape) for t in self._params()],
             "steps_taken": self._step.steps,
             "sam_steps": self._step.sam_steps,
             "passes": self._step.passes,
@@ -661,7 +744,14 @@ class SAM(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict saved by the same class with the same options (a mismatch raises and names them)."""
+        """Load a state dict saved by the same class, around the same base optimizer, for parameters of the same
+        shapes, with the same options; between steps. A mismatch raises, names it and the fix, and loads nothing."""
+        if self._step.phase is not Phase.READY:
+            raise RuntimeError(
+                f"load_state_dict() called in the middle of a step (between first_step() and second_step(), phase "
+                f"{self._step.phase.value}){': the weights are perturbed' if self.perturbed else ''}; finish the "
+                "step with second_step() or abandon it with cancel_step() first, then load"
+            )
         if "sam" not in state_dict:
             raise ValueError(
                 "this state dict has no 'sam' entry: it was not saved by samkit.SAM.state_dict(); load a base "
@@ -685,6 +775,14 @@ class SAM(Optimizer):
                 "checkpoint first, then build a new optimizer and copy the base state with "
                 "new.base_optimizer.load_state_dict(...)"
             )
+        saved_base, base = saved.get("base"), type(self.base_optimizer).__name__
+        if saved_base is not None and saved_base != base:
+            raise ValueError(
+                f"this state dict was saved by a {saved_class} around {saved_base}, this {type(self).__name__} wraps "
+                f"{base}: its state ({saved_base}'s) would not fit; build the {type(self).__name__} with "
+                f"base_optimizer={saved_base} to resume, or load only the model's weights to start {base} afresh"
+            )
+        self._check_shapes(saved.get("shapes"))
         base_state = {k: v for k, v in state_dict.items() if k != "sam"}
         self.base_optimizer.load_state_dict(base_state)
         self._link()  # load_state_dict replaced the base's group list and state
@@ -696,6 +794,25 @@ class SAM(Optimizer):
         self._step.sam_steps = int(saved.get("sam_steps", 0))
         self._step.passes = float(saved.get("passes", 0.0))
         self._load_memory_state(dict(saved.get("memory", {})))
+
+    def _check_shapes(self, shapes: Optional[list]) -> None:
+        """Refuse a checkpoint saved for parameters of other shapes (its state, e.g. momenta, would not fit)."""
+        if shapes is None:  # a checkpoint saved before the shapes were recorded
+            return
+        params = self._params()
+        now = [list(t.shape) for t in params]
+        if [list(s) for s in shapes] == now:
+            return
+        if len(shapes) != len(now):
+            raise ValueError(
+                f"this state dict was saved for {len(shapes)} parameters, this {type(self).__name__} has "
+                f"{len(now)}: resume with the model the checkpoint was saved for, built the same way"
+            )
+        i = next(i for i, (a, b) in enumerate(zip(shapes, now)) if list(a) != b)
+        raise ValueError(
+            f"parameter {i} has shape {tuple(shapes[i])} in the state dict but {tuple(now[i])} here: resume with the "
+            "model the checkpoint was saved for (same layers, same sizes, same order)"
+        )
 
     def __getstate__(self) -> dict:
         # torch's Optimizer pickles only defaults/state/param_groups; a SAM needs all of its attributes. An
@@ -717,6 +834,12 @@ def _copied(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _copied(v) for k, v in value.items()}
     return value
+
+
+def _found_inf(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> bool:
+    """Whether the gradients the scaler unscaled for this optimizer this step hold an inf or NaN."""
+    found = scaler._per_optimizer_states[id(optimizer)].get("found_inf_per_device", {})
+    return any(bool(v.item()) for v in found.values())
 
 
 def _unscale_once(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> None:

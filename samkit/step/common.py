@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional, Sequence, cast
 
 import torch
 from torch import Tensor
+
+from samkit.optim.sam import sparse_gradient_message
 
 
 def split_batch(inputs: Tensor, targets: Tensor, k: int) -> list[tuple[Tensor, Tensor, float]]:
@@ -87,10 +90,14 @@ def check_per_example(losses, n: int, optimizer=None) -> None:
 def all_finite(trainable, model, precision: Precision, grads=None) -> bool:
     """Whether every gradient is finite (agreed across DDP replicas, so that all of them skip together)."""
     grads = [t.grad for t in trainable] if grads is None else grads
-    grads = [g for g in grads if g is not None]
+    sparse = next((g for g in grads if g is not None and g.is_sparse), None)
+    if sparse is not None:
+        raise RuntimeError(sparse_gradient_message(sparse))
+    grads = [g for g in grads if g is not None and g.numel() > 0]
     if not grads:
         return True
-    finite = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)])).all()
+    # max |g| (the inf-norm) is finite exactly when every entry is; a 2-norm of fp16 values overflows above 65504
+    finite = torch.stack([torch.isfinite(n) for n in torch._foreach_norm(grads, math.inf)]).all()
     if is_ddp(model) and precision.scaler is not None:
         flag = (~finite).to(torch.float32).reshape(1)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
