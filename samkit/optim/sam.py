@@ -656,13 +656,18 @@ class SAM(Optimizer):
     def _gradient_list(self, grads: Optional[Sequence[Optional[Tensor]]]) -> list[Optional[Tensor]]:
         params = self._params()
         if grads is None:
-            return [t.grad for t in params]
-        if len(grads) != len(params):
+            gradients = [t.grad for t in params]
+        elif len(grads) != len(params):
             raise ValueError(
                 f"grads has {len(grads)} entries but the optimizer has {len(params)} parameters: give one gradient "
                 "(or None) per parameter, in param-group order"
             )
-        return list(grads)
+        else:
+            gradients = list(grads)
+        sparse = next((i for i, g in enumerate(gradients) if g is not None and g.is_sparse), None)
+        if sparse is not None:  # on every step, whatever the rule decides: a one-pass step would work, the next not
+            raise RuntimeError(sparse_gradient_message(params[sparse], sparse))
+        return gradients
 
     def ascent_groups(self, grads: Sequence[Optional[Tensor]]) -> list[PerturbationGroup]:
         """The groups this optimizer's ascent perturbs for these gradients (one per parameter, None to leave it
@@ -679,9 +684,6 @@ class SAM(Optimizer):
             indexed = zip(range(start, start + len(members)), members, gradients[start : start + len(members)])
             position += len(members)
             present = [(i, t, g) for i, t, g in indexed if g is not None]
-            sparse = next(((i, t) for i, t, g in present if g.is_sparse), None)
-            if sparse is not None:
-                raise RuntimeError(sparse_gradient_message(sparse[1], sparse[0]))
             complex_ = next(((i, t) for i, t, g in present if t.is_complex() or g.is_complex()), None)
             if complex_ is not None and float(group["p"]) != 2.0:
                 i, t = complex_
