@@ -146,7 +146,7 @@ def perturbation(
     return epsilons, norm
 
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
+LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})  # ε̂ of these is computed in float32
 
 
 def _at_least_float32(group: PerturbationGroup) -> PerturbationGroup:

@@ -38,7 +38,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from samkit.optim.perturbation import GROUP_OPTIONS, PerturbationGroup, check_group_options, is_number, perturbation
+from samkit.optim.perturbation import (
+    GROUP_OPTIONS,
+    LOW_PRECISION,
+    PerturbationGroup,
+    check_group_options,
+    is_number,
+    perturbation,
+)
 from samkit.optim.protocol import Phase, StepState
 
 RESTORE_BY = ("copy", "swap")
@@ -444,7 +451,7 @@ class SAM(Optimizer):
                     groups, eps=self.eps, foreach=True, out=[g.params for g in groups], check_out=False
                 )
                 torch._foreach_add_(params, saved)  # ε̂ + w: IEEE addition commutes, so bit-exact with w + ε̂
-                self._check_written(cast(Tensor, norm), params)  # params has gradients, so a norm exists
+                self._check_written(groups, cast(Tensor, norm), params)  # params has gradients, so a norm exists
             except BaseException:
                 torch._foreach_copy_(params, saved)  # the weights may hold part of ε̂: put w back
                 raise
@@ -456,7 +463,7 @@ class SAM(Optimizer):
                 buffer.copy_(t)
                 t.add_(e)
             try:
-                self._check_written(cast(Tensor, norm), params)
+                self._check_written(groups, cast(Tensor, norm), params)
             except BaseException:
                 for t, buffer in zip(params, saved):
                     t.copy_(buffer)
@@ -479,25 +486,31 @@ class SAM(Optimizer):
             for buffer, t in zip(buffers, params):
                 buffer.add_(t)
         if norm is not None:
-            self._check_written(norm, buffers, params)  # the weights were never touched
+            self._check_written(groups, norm, buffers, params)  # the weights were never touched
         originals = [t.data for t in params]
         for t, buffer in zip(params, buffers):
             t.data = buffer
         return originals
 
-    def _check_written(self, norm: Tensor, written: list[Tensor], params: Optional[list[Tensor]] = None) -> None:
-        """Raise unless the gradient norm and every value of w + ε̂ (``written``, for ``params``) are finite."""
-        finite = [torch.isfinite(norm)]
-        present = [(i, t) for i, t in enumerate(written) if t.numel() > 0]
-        if present:  # max |x| (the inf-norm) is finite exactly when every entry is, and cannot overflow
-            maxima = torch._foreach_norm([t for _, t in present], math.inf)
-            finite.extend(torch.isfinite(m).to(norm.device) for m in maxima)
-        flags = torch.stack(finite)
-        if bool(flags.all()):  # one synchronisation for the whole check
+    def _check_written(
+        self, groups: list[PerturbationGroup], norm: Tensor, written: list[Tensor], params: Optional[list] = None
+    ) -> None:
+        """Raise unless the gradient norm and every value of w + ε̂ (``written``, for ``params``) are finite.
+
+        The values are read only where they can be non-finite with a finite norm: fp16 / bf16 values (ε̂ rounded
+        to them, w + ε̂ above their range), p other than 2 and inf (|g|^(q-1) overflows), eps = 0 (rho / a
+        subnormal norm overflows). Otherwise |ε̂| <= rho T (T = 1, or |w| + eta for ASAM) holds by construction
+        in float32 and float64, so w + ε̂ is finite for any weights below ~1e19, and the extra read of every
+        weight is skipped (on CPU torch's norm kernels run tensor by tensor: costly for many small tensors)."""
+        finite = torch.isfinite(norm)
+        values = finite_by_norms(written) if self._values_can_overflow(groups, written) else None
+        if bool(finite if values is None else finite & values.to(finite.device)):  # one synchronisation
             return
-        if not bool(flags[0]):
+        if not bool(finite):
             self._raise_non_finite(norm)
-        position = present[int((~flags[1:]).nonzero()[0, 0])][0]
+        position = first_non_finite(written)
+        if position is None:
+            return  # finite values whose float32 norm overflowed (weights above ~1e19)
         t = (written if params is None else params)[position]
         index = next(i for i, q in enumerate(self._params()) if q is t)
         raise FloatingPointError(
@@ -506,6 +519,11 @@ class SAM(Optimizer):
             f"weights are close to the largest {t.dtype} value or rho is too large for it: lower rho, or keep the "
             "parameters in float32 and train under torch.autocast"
         )
+
+    def _values_can_overflow(self, groups: list[PerturbationGroup], written: list[Tensor]) -> bool:
+        if self.eps == 0.0 or any(float(g.p) not in (2.0, math.inf) for g in groups):
+            return True
+        return not {t.dtype for t in written}.isdisjoint(LOW_PRECISION)
 
     def _raise_non_finite(self, norm: Tensor) -> None:
         raise FloatingPointError(
@@ -596,16 +614,15 @@ class SAM(Optimizer):
 
     def _check_perturbed_gradient(self) -> None:
         """Abandon the step and raise when a gradient of the perturbed pass is inf or NaN (w is already restored)."""
-        grads = [(i, t, t.grad) for i, t in enumerate(self._params())]
-        present = [(i, t, g) for i, t, g in grads if g is not None and not g.is_sparse and g.numel() > 0]
-        if not present:
+        present = [(i, t) for i, t in enumerate(self._params()) if t.grad is not None and not t.grad.is_sparse]
+        grads = [cast(Tensor, t.grad) for _, t in present]
+        finite = finite_by_norms(grads)
+        if finite is None or bool(finite):
             return
-        maxima = torch._foreach_norm([g for _, _, g in present], math.inf)  # max |g|: finite iff all are, no overflow
-        device = maxima[0].device
-        finite = torch.stack([torch.isfinite(m).to(device) for m in maxima])
-        if bool(finite.all()):
-            return
-        index, t, _ = present[int((~finite).nonzero()[0, 0])]
+        position = first_non_finite(grads)
+        if position is None:
+            return  # finite gradients whose float32 norm overflowed
+        index, t = present[position]
         self.cancel_step()
         raise FloatingPointError(
             f"the gradient of the perturbed pass (at w + ε̂) is inf or NaN in parameter {index} (shape "
@@ -684,8 +701,10 @@ class SAM(Optimizer):
             indexed = zip(range(start, start + len(members)), members, gradients[start : start + len(members)])
             position += len(members)
             present = [(i, t, g) for i, t, g in indexed if g is not None]
-            complex_ = next(((i, t) for i, t, g in present if t.is_complex() or g.is_complex()), None)
-            if complex_ is not None and float(group["p"]) != 2.0:
+            complex_ = None
+            if float(group["p"]) != 2.0:
+                complex_ = next(((i, t) for i, t, g in present if t.is_complex() or g.is_complex()), None)
+            if complex_ is not None:
                 i, t = complex_
                 raise ValueError(
                     f"p={group['p']!r} (param group {number}) is not defined for the complex parameter {i} (shape "
@@ -836,6 +855,29 @@ def _copied(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _copied(v) for k, v in value.items()}
     return value
+
+
+def finite_by_norms(tensors: Sequence[Tensor]) -> Optional[Tensor]:
+    """A 0-dim bool tensor: whether every tensor's 2-norm is finite (None for no tensors), with no synchronisation.
+
+    A NaN or inf entry makes the norm non-finite; fp16 / bf16 tensors are summed in float32, so their finite
+    values never overflow it (float32 ones overflow it only above ~1e19: confirm with ``first_non_finite``). A
+    2-norm, not max |x|: torch's 2-norm kernels are the fast ones."""
+    low = [t for t in tensors if t.dtype in LOW_PRECISION]
+    high = [t for t in tensors if t.dtype not in LOW_PRECISION]
+    norms = list(torch._foreach_norm(high)) if high else []
+    norms += list(torch._foreach_norm(low, dtype=torch.float32)) if low else []
+    if not norms:
+        return None
+    device = norms[0].device
+    if any(n.device != device for n in norms):  # tensors on several devices (model parallel)
+        norms = [n.to(device) for n in norms]
+    return torch.isfinite(torch.stack(norms)).all()
+
+
+def first_non_finite(tensors: Sequence[Tensor]) -> Optional[int]:
+    """The position of the first tensor holding an inf or NaN, None when all are finite (exact, one sync each)."""
+    return next((i for i, t in enumerate(tensors) if not bool(torch.isfinite(t).all())), None)
 
 
 def _found_inf(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> bool:

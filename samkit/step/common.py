@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Optional, Sequence, cast
 
 import torch
 from torch import Tensor
 
-from samkit.optim.sam import sparse_gradient_message
+from samkit.optim.sam import finite_by_norms, first_non_finite, sparse_gradient_message
 
 
 def split_batch(inputs: Tensor, targets: Tensor, k: int) -> list[tuple[Tensor, Tensor, float]]:
@@ -93,11 +92,12 @@ def all_finite(trainable, model, precision: Precision, grads=None) -> bool:
     sparse = next((g for g in grads if g is not None and g.is_sparse), None)
     if sparse is not None:
         raise RuntimeError(sparse_gradient_message(sparse))
-    grads = [g for g in grads if g is not None and g.numel() > 0]
-    if not grads:
+    grads = [g for g in grads if g is not None]
+    finite = finite_by_norms(grads)  # fp16 / bf16 norms summed in float32: a large finite gradient is finite
+    if finite is None:
         return True
-    # max |g| (the inf-norm) is finite exactly when every entry is; a 2-norm of fp16 values overflows above 65504
-    finite = torch.stack([torch.isfinite(n) for n in torch._foreach_norm(grads, math.inf)]).all()
+    if not bool(finite) and first_non_finite(grads) is None:  # finite values whose float32 norm overflowed
+        finite = torch.ones((), dtype=torch.bool, device=finite.device)
     if is_ddp(model) and precision.scaler is not None:
         flag = (~finite).to(torch.float32).reshape(1)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
