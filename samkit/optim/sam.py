@@ -71,6 +71,12 @@ def check_base_optimizer(base_optimizer) -> None:
         )
 
 
+def check_max_grad_norm(max_grad_norm) -> None:
+    """Refuse, naming it, a clipping norm that is not a number > 0 (None: no clipping; True is not 1)."""
+    if max_grad_norm is not None and (not is_number(max_grad_norm) or not max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be > 0, a number (or None for no clipping), got {max_grad_norm!r}")
+
+
 def sparse_gradient_message(param: Tensor, index: Optional[int] = None) -> str:
     """The refusal of a sparse gradient, naming the parameter (shape; position in param-group order) and the fix."""
     shape = tuple(param.shape)
@@ -573,6 +579,7 @@ class SAM(Optimizer):
         as before the step). Step hooks registered on this optimizer (``register_step_pre_hook`` /
         ``register_step_post_hook``) run around it.
         """
+        check_max_grad_norm(max_grad_norm)
         if not self._step.decided:
             raise RuntimeError("second_step() called without first_step(): call first_step() after the first backward")
         self.restore()  # the hooks see w, as they do around step()

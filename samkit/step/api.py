@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from samkit.optim.sam import SAM
+from samkit.optim.sam import SAM, check_max_grad_norm
 from samkit.step.common import Precision, all_finite, is_ddp, skip_step
 from samkit.step.loop import loop_step_gradients
 from samkit.step.selective import selective_step_gradients, selects_examples
@@ -172,7 +172,6 @@ def _check_arguments(optimizer, model, inputs, targets, k, perturbation, backend
             f"the batch has {len(inputs)} examples, fewer than micro_batches={k}: use a larger batch or fewer "
             "micro-batches"
         )
-    if max_grad_norm is not None and not (max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}")
+    check_max_grad_norm(max_grad_norm)
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")

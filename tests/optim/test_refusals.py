@@ -201,6 +201,23 @@ def test_a_param_group_option_refuses_a_bool_in_add_param_group(option):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], option: bad})
 
 
+@pytest.mark.parametrize("bad", [True, "1.0", 0.0, float("nan")], ids=["True", "string", "zero", "nan"])
+def test_max_grad_norm_refuses_bools_strings_and_non_positive_values(bad):
+    x, y = batch()
+    net = model()
+    opt = SAM(net.parameters(), torch.optim.SGD, lr=0.1)
+    before = [t.detach().clone() for t in net.parameters()]
+    with pytest.raises(ValueError, match=f"max_grad_norm must be > 0, a number.*got {bad!r}"):
+        sam_step(opt, net, loss_fn, x, y, max_grad_norm=bad)
+    loss_fn(net(x), y).backward()
+    opt.first_step(zero_grad=True)
+    loss_fn(net(x), y).backward()
+    with pytest.raises(ValueError, match=f"max_grad_norm must be > 0, a number.*got {bad!r}"):
+        opt.second_step(max_grad_norm=bad)
+    opt.cancel_step()
+    assert all(torch.equal(t, w) for t, w in zip(net.parameters(), before)) and opt.steps == 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # complex parameters and sparse gradients
 
