@@ -425,6 +425,7 @@ class SAM(Optimizer):
                 self._accumulate_clean(gradients, weight)
             if move:
                 self._ascend(gradients)  # on a refusal the weights are back at w
+            state.ascents += 1
         except BaseException:
             state.phase, state.clean = before[0], before[1]
             state.memory.clear()  # the same dict object: a wrapper sharing it sees the restored state
@@ -582,6 +583,12 @@ class SAM(Optimizer):
         check_max_grad_norm(max_grad_norm)
         if not self._step.decided:
             raise RuntimeError("second_step() called without first_step(): call first_step() after the first backward")
+        if self._step.phase is Phase.SAM and self._step.ascents == 0:
+            raise RuntimeError(
+                "second_step() in a SAM step without an ascent: the step was decided (decide()) but no first_step() "
+                "succeeded, so there is no perturbed gradient to step with; call first_step() with this step's "
+                "clean gradient, or abandon the step with cancel_step()"
+            )
         self.restore()  # the hooks see w, as they do around step()
         for hook in (*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
             hook(self, (self,), {})
@@ -651,6 +658,7 @@ class SAM(Optimizer):
         self._step.phase = Phase.READY
         self._step.set_aside = []
         self._step.clean = None
+        self._step.ascents = 0
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):

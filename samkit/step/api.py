@@ -73,7 +73,9 @@ def sam_step(
             default for that reason. See BENCHMARKS.md.
         scaler: a ``torch.amp.GradScaler`` for fp16: both passes are scaled and unscaled here (no "unscale
             twice"), a non-finite gradient in either pass skips the whole step (weights, counters and the
-            variant's state untouched) and the scale is updated once per step.
+            variant's state untouched) and the scale is updated once per step. Without a scaler, an inf or NaN
+            gradient in either pass raises ``FloatingPointError``: the weights are w and the optimizer's step is
+            abandoned (counters and state as before it; see docs/refusals.md).
         max_grad_norm: clip the final descent gradient to this global 2-norm; ε̂ never sees clipping, and
             clipping changes only the magnitude of the step.
         autocast: run the forward passes under ``torch.autocast`` with this dtype (``torch.bfloat16`` or

@@ -130,6 +130,25 @@ def test_after_a_sparse_refusal_second_step_is_refused_not_a_plain_step():
     assert torch.equal(w.detach(), torch.ones(3)) and opt.steps == 0
 
 
+@pytest.mark.parametrize("refusal", ["wrong length", "sparse", "non-finite"])
+def test_after_decide_and_a_refused_first_step_second_step_takes_no_plain_step(refusal):
+    x, y = batch()
+    net = model()
+    opt = SAM(net.parameters(), torch.optim.SGD, lr=0.1)
+    grads = clean_grads(net, x, y)
+    assert opt.decide(grads)
+    breaking, error, message = refusals()[refusal]
+    with pytest.raises(error, match=message):
+        opt.first_step(**breaking(grads))
+    weights = [t.detach().clone() for t in net.parameters()]
+    with pytest.raises(RuntimeError, match="second_step\\(\\) in a SAM step without an ascent.*cancel_step"):
+        opt.second_step()
+    assert all(torch.equal(t, w) for t, w in zip(net.parameters(), weights)) and opt.steps == 0
+    opt.first_step(grads=grads)  # the step is still decided: its first_step goes on
+    opt.second_step()
+    assert opt.steps == 1 and opt.sam_steps == 1
+
+
 @pytest.mark.parametrize("phase", ["perturbed", "one-pass"])
 def test_a_first_step_out_of_turn_leaves_the_step_in_progress(phase):
     x, y = batch()
