@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from samkit.optim.perturbation import LOW_PRECISION
 from samkit.optim.sam import SAM
 
 INITIAL_MEAN = 0.0
@@ -117,10 +118,15 @@ class AESAM(SAM):
         present = [g for g in grads if g is not None]
         if not present:
             return 0.0
+        # fp16 / bf16 gradients are summed in float32: an fp16 norm overflows above 65504
+        low = [g for g in present if g.dtype in LOW_PRECISION]
+        high = [g for g in present if g.dtype not in LOW_PRECISION]
         if self.foreach:
-            norms = list(torch._foreach_norm(present))
+            norms = list(torch._foreach_norm(high)) if high else []
+            norms += list(torch._foreach_norm(low, dtype=torch.float32)) if low else []
         else:
-            norms = [torch.linalg.vector_norm(g) for g in present]
+            norms = [torch.linalg.vector_norm(g) for g in high]
+            norms += [torch.linalg.vector_norm(g, dtype=torch.float32) for g in low]
         device = norms[0].device
         stacked = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
         return float(torch.linalg.vector_norm(stacked).square())

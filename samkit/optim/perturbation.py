@@ -38,14 +38,19 @@ TensorList = Union[list[Tensor], tuple[Tensor, ...]]  # what torch's foreach ops
 GROUP_OPTIONS = ("rho", "p", "adaptive", "eta")  # the per-param-group options of every SAM-family optimizer
 
 
+def is_number(value) -> bool:
+    """An int or float, not a bool: ``rho=True`` is a mistake, not 1."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_group_options(group: dict) -> None:
     """Raise ``ValueError`` naming the bad value when a param group's SAM options are out of range."""
     rho, p, eta = group["rho"], group["p"], group["eta"]
-    if not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+    if not is_number(rho) or not math.isfinite(rho) or rho < 0:
         raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
-    if not isinstance(p, (int, float)) or math.isnan(p) or p <= 1:
+    if not is_number(p) or math.isnan(p) or p <= 1:
         raise ValueError(f"p must be > 1 (2 for SAM, float('inf') for the sign variant), got {p!r}")
-    if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+    if not is_number(eta) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     if not isinstance(group["adaptive"], bool):
         raise ValueError(f"adaptive must be True or False, got {group['adaptive']!r}")
@@ -122,6 +127,7 @@ def perturbation(
         out = None if out is None else [[sharded.to_local(o) for o in targets] for targets in out]
     if out is not None and check_out:
         _check_out(groups, out)
+    given, groups = groups, [_at_least_float32(g) for g in groups]  # fp16 / bf16 groups: their math in float32
     scaled = [_scaled_grads(g, foreach) if g.grads else [] for g in groups]  # T g per group
     epsilons: list[list[Tensor]] = [[] for _ in groups]
     norms: list[Tensor] = []
@@ -154,11 +160,14 @@ def perturbation(
             denominator = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
         norms.append(norm)
         for i in members:
-            target = None if out is None else list(out[i])
+            target = None if out is None or groups[i] is not given[i] else list(out[i])
             epsilons[i] = _epsilon(groups[i], scaled[i], p, q, denominator, foreach, target)
         if record is not None:
             sizes.extend(_epsilon_sizes(groups, members, stacked, epsilons, norm, denominator, p, foreach, shards))
             dual_norms.append(torch.linalg.vector_norm(stacked, 1) if math.isinf(p) else norm)
+    for i, group in enumerate(given):
+        if groups[i] is not group and group.grads:  # computed in float32: back to the gradients' dtype
+            epsilons[i] = _lowered(epsilons[i], group.grads, None if out is None else list(out[i]), foreach)
     norm = torch.stack([n.to(norms[0].device) for n in norms]).max() if norms else None
     if record is not None and norm is not None:
         record["grad_norm"] = dual_norms[0] if len(dual_norms) == 1 else _on(dual_norms, norm.device).max()
@@ -196,6 +205,39 @@ def _epsilon_sizes(groups, members, whole_norms, epsilons, norm, denominator, p,
         for index, first, last in spans:
             sizes[index] = torch.linalg.vector_norm(stacked[first:last])
     return [cast(Tensor, size) for size in sizes]
+
+
+LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})  # ε̂ of these is computed in float32
+
+
+def _at_least_float32(group: PerturbationGroup) -> PerturbationGroup:
+    """The group itself, or, when it holds fp16 / bf16 tensors that ε̂ reads, a copy of it whose gradients (and
+    weights, for the adaptive T) are float32 copies: in fp16 the norm overflows above 65504, rho / norm above
+    65504 too (a norm below ~1e-5 at rho = 0.05), eps = 1e-12 rounds to 0 and T² above |w| = 256 overflows."""
+    low_grads = any(g.dtype in LOW_PRECISION for g in group.grads)
+    low_params = group.adaptive and any(t.dtype in LOW_PRECISION for t in group.params)
+    if not (low_grads or low_params):
+        return group
+
+    def upcast(tensors: Sequence[Tensor]) -> list[Tensor]:
+        return [t.float() if t.dtype in LOW_PRECISION else t for t in tensors]
+
+    params = upcast(group.params) if low_params else group.params
+    return PerturbationGroup(params, upcast(group.grads), group.rho, group.p, group.adaptive, group.eta)
+
+
+def _lowered(
+    epsilons: list[Tensor], grads: Sequence[Tensor], out: Optional[list[Tensor]], foreach: bool
+) -> list[Tensor]:
+    """ε̂ computed in float32, rounded once to the gradients' dtype (into ``out`` when given)."""
+    if out is None:
+        return [e.to(g.dtype) for e, g in zip(epsilons, grads)]
+    if foreach:
+        torch._foreach_copy_(out, epsilons)
+    else:
+        for o, e in zip(out, epsilons):
+            o.copy_(e)
+    return out
 
 
 def _scale(group: PerturbationGroup, foreach: bool) -> Optional[TensorList]:

@@ -57,6 +57,7 @@ class StepState:
     saved: list = field(default_factory=list)  # their saved w, in the same order
     set_aside: list = field(default_factory=list)  # (param, clean gradient) of a one-pass step, see first_step
     clean: Optional[list] = None  # Σ_j weight_j g_j of this step, for variants that use g in second_step
+    ascents: int = 0  # first_step calls of this SAM step that succeeded (second_step needs one)
     buffers: dict = field(default_factory=dict)  # reused storage for the saved w, keyed by parameter
     buffer_list: tuple = ((), (), ())  # (params, buffers, signature) of the last ascent
     memory: dict[str, Any] = field(default_factory=dict)  # a variant's own running state (EMAs, draws, ...)
@@ -72,4 +73,5 @@ class StepState:
         self.passes += passes
         self.set_aside = []
         self.clean = None
+        self.ascents = 0
 

@@ -39,7 +39,14 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from samkit.optim import sharded
-from samkit.optim.perturbation import GROUP_OPTIONS, PerturbationGroup, check_group_options, perturbation
+from samkit.optim.perturbation import (
+    GROUP_OPTIONS,
+    LOW_PRECISION,
+    PerturbationGroup,
+    check_group_options,
+    is_number,
+    perturbation,
+)
 from samkit.optim.protocol import Phase, StepState
 from samkit.optim.step_stats import StepStats, StepStatsRecorder
 
@@ -64,6 +71,22 @@ def check_base_optimizer(base_optimizer) -> None:
             "base_optimizer LBFGS re-evaluates the loss itself inside step(closure), so it cannot step with the "
             "gradient taken at w + ε̂; use a first-order optimizer (SGD, Adam, AdamW, ...)"
         )
+
+
+def check_max_grad_norm(max_grad_norm) -> None:
+    """Refuse, naming it, a clipping norm that is not a number > 0 (None: no clipping; True is not 1)."""
+    if max_grad_norm is not None and (not is_number(max_grad_norm) or not max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be > 0, a number (or None for no clipping), got {max_grad_norm!r}")
+
+
+def sparse_gradient_message(param: Tensor, index: Optional[int] = None) -> str:
+    """The refusal of a sparse gradient, naming the parameter (shape; position in param-group order) and the fix."""
+    shape = tuple(param.shape)
+    where = f"parameter of shape {shape}" if index is None else f"parameter {index}, shape {shape}"
+    return (
+        f"SAM does not support sparse gradients ({where}): ε̂ and the perturbed pass need dense gradients; use "
+        "dense gradients, e.g. nn.Embedding(..., sparse=False) or nn.EmbeddingBag(..., sparse=False)"
+    )
 
 
 class SAM(Optimizer):
@@ -136,7 +159,7 @@ class SAM(Optimizer):
             )
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1 (1 = SAM on every step), got {interval!r}")
-        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        if not is_number(eps) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         if restore_by not in RESTORE_BY:
             raise ValueError(f"restore_by must be one of {RESTORE_BY}, got {restore_by!r}")
@@ -411,21 +434,30 @@ class SAM(Optimizer):
             raise RuntimeError(
                 "first_step() called twice in a one-pass step (first_step returned False): call second_step()"
             )
-        gradients = self._gradient_list(grads)
-        if state.phase is Phase.READY:
-            self._stats.discard()  # a new step: nothing of an aborted one carries over
-            state.phase = Phase.SAM if bool(self._decide(gradients)) else Phase.PLAIN
-        if state.phase is Phase.PLAIN:
-            if zero_grad:
-                state.set_aside = [(t, t.grad) for t in self._params() if t.grad is not None]
-                self.zero_grad()
-            return False
-        if type(self).uses_clean_gradient:
-            self._accumulate_clean(gradients, weight)
-        else:
-            self._stats.keep_clean(gradients, weight)
-        if move:
-            self._stats.ascent(self._ascend(gradients), weight)
+        # a refusal (wrong grads, sparse or complex gradients, a non-finite norm or ε̂) leaves the step as it was
+        before = (state.phase, state.clean if state.clean is None else list(state.clean), dict(state.memory))
+        try:
+            gradients = self._gradient_list(grads)
+            if state.phase is Phase.READY:
+                self._stats.discard()  # a new step: nothing of an aborted one carries over
+                state.phase = Phase.SAM if bool(self._decide(gradients)) else Phase.PLAIN
+            if state.phase is Phase.PLAIN:
+                if zero_grad:
+                    state.set_aside = [(t, t.grad) for t in self._params() if t.grad is not None]
+                    self.zero_grad()
+                return False
+            if type(self).uses_clean_gradient:
+                self._accumulate_clean(gradients, weight)
+            else:
+                self._stats.keep_clean(gradients, weight)
+            if move:
+                self._stats.ascent(self._ascend(gradients), weight)  # on a refusal the weights are back at w
+            state.ascents += 1
+        except BaseException:
+            state.phase, state.clean = before[0], before[1]
+            state.memory.clear()  # the same dict object: a wrapper sharing it sees the restored state
+            state.memory.update(before[2])
+            raise
         if zero_grad:
             self.zero_grad()
         return True
@@ -464,22 +496,24 @@ class SAM(Optimizer):
                     shards=shards,
                     record=record,
                 )
-                finite = bool(torch.isfinite(cast(Tensor, norm)))  # params has gradients, so a norm exists
+                torch._foreach_add_(params, saved)  # ε̂ + w: IEEE addition commutes, so bit-exact with w + ε̂
+                self._check_written(groups, cast(Tensor, norm), params)  # params has gradients, so a norm exists
             except BaseException:
                 torch._foreach_copy_(params, saved)  # the weights may hold part of ε̂: put w back
-                self._step.phase = Phase.READY
                 raise
-            if not finite:
-                torch._foreach_copy_(params, saved)
-                self._raise_non_finite(cast(Tensor, norm))
-            torch._foreach_add_(params, saved)  # ε̂ + w: IEEE addition commutes, so bit-exact with w + ε̂
-        else:  # the per-tensor reference path
+        elif params:  # the per-tensor reference path
             epsilons, norm = perturbation(groups, eps=self.eps, foreach=False, shards=shards, record=record)
-            if norm is not None and not bool(torch.isfinite(norm)):
-                self._raise_non_finite(norm)
+            if not bool(torch.isfinite(cast(Tensor, norm))):
+                self._raise_non_finite(cast(Tensor, norm))  # the weights were never touched
             for buffer, t, e in zip(saved, params, (e for eg in epsilons for e in eg)):
                 buffer.copy_(t)
                 t.add_(e)
+            try:
+                self._check_written(groups, cast(Tensor, norm), params)
+            except BaseException:
+                for t, buffer in zip(params, saved):
+                    t.copy_(buffer)
+                raise
         self._step.perturbed, self._step.saved = params, saved
         self._step.phase = Phase.PERTURBED
         return {} if record is None else record
@@ -499,21 +533,52 @@ class SAM(Optimizer):
             nested.append(buffers[start : start + len(group.params)])
             start += len(group.params)
         _, norm = perturbation(groups, eps=self.eps, foreach=self.foreach, out=nested, check_out=False, record=record)
-        if norm is not None and not bool(torch.isfinite(norm)):
-            self._raise_non_finite(norm)  # the weights were never touched
         if self.foreach and params:
             torch._foreach_add_(buffers, params)
         else:
             for buffer, t in zip(buffers, params):
                 buffer.add_(t)
+        if norm is not None:
+            self._check_written(groups, norm, buffers, params)  # the weights were never touched
         originals = [t.data for t in params]
         for t, buffer in zip(params, buffers):
             t.data = buffer
         return originals
 
+    def _check_written(
+        self, groups: list[PerturbationGroup], norm: Tensor, written: list[Tensor], params: Optional[list] = None
+    ) -> None:
+        """Raise unless the gradient norm and every value of w + ε̂ (``written``, for ``params``) are finite.
+
+        The values are read only where they can be non-finite with a finite norm: fp16 / bf16 values (ε̂ rounded
+        to them, w + ε̂ above their range), p other than 2 and inf (|g|^(q-1) overflows), eps = 0 (rho / a
+        subnormal norm overflows). Otherwise |ε̂| <= rho T (T = 1, or |w| + eta for ASAM) holds by construction
+        in float32 and float64, so w + ε̂ is finite for any weights below ~1e19, and the extra read of every
+        weight is skipped (on CPU torch's norm kernels run tensor by tensor: costly for many small tensors)."""
+        finite = torch.isfinite(norm)
+        values = finite_by_norms(written) if self._values_can_overflow(groups, written) else None
+        if bool(finite if values is None else finite & values.to(finite.device)):  # one synchronisation
+            return
+        if not bool(finite):
+            self._raise_non_finite(norm)
+        position = first_non_finite(written)
+        if position is None:
+            return  # finite values whose float32 norm overflowed (weights above ~1e19)
+        t = (written if params is None else params)[position]
+        index = next(i for i, q in enumerate(self._params()) if q is t)
+        raise FloatingPointError(
+            f"w + ε̂ is not finite in parameter {index} (shape {tuple(t.shape)}, {t.dtype}) although the gradient norm "
+            f"is {norm.item()}: SAM will not write non-finite values into the weights (they are back at w). The "
+            f"weights are close to the largest {t.dtype} value or rho is too large for it: lower rho, or keep the "
+            "parameters in float32 and train under torch.autocast"
+        )
+
+    def _values_can_overflow(self, groups: list[PerturbationGroup], written: list[Tensor]) -> bool:
+        if self.eps == 0.0 or any(float(g.p) not in (2.0, math.inf) for g in groups):
+            return True
+        return not {t.dtype for t in written}.isdisjoint(LOW_PRECISION)
+
     def _raise_non_finite(self, norm: Tensor) -> None:
-        self._step.phase = Phase.READY
-        self._step.clean = None
         raise FloatingPointError(
             f"the gradient norm in first_step is {norm.item()}: SAM will not write non-finite values into the "
             "weights. Under mixed precision, unscale the gradients first or use samkit.sam_step(..., "
@@ -558,12 +623,23 @@ class SAM(Optimizer):
         ``last_step_stats`` (its ``loss_rise`` needs both); tensors are read only when the stats are.
 
         ``max_grad_norm`` clips the descent gradient's global 2-norm (after the variant has formed it, before the
-        base step). With a ``scaler``, the base step goes through ``scaler.step`` (skipped when the gradients
-        overflowed); the caller still calls ``scaler.update()`` once per step. Step hooks registered on this optimizer
-        (``register_step_pre_hook`` / ``register_step_post_hook``) run around it.
+        base step). With a ``scaler``, the gradients are unscaled here (once) and a step whose gradients
+        overflowed is skipped whole, through ``scaler.step``: w restored, no base step, the variant's descent and
+        state and the counters untouched; the caller still calls ``scaler.update()`` once per step. Without a
+        scaler, an inf or NaN gradient of the perturbed pass (at w + ε̂) raises ``FloatingPointError`` as the
+        clean pass's does in ``first_step``: w restored and the step abandoned (nothing stepped, counters and state
+        as before the step). Step hooks registered on this optimizer (``register_step_pre_hook`` /
+        ``register_step_post_hook``) run around it.
         """
+        check_max_grad_norm(max_grad_norm)
         if not self._step.decided:
             raise RuntimeError("second_step() called without first_step(): call first_step() after the first backward")
+        if self._step.phase is Phase.SAM and self._step.ascents == 0:
+            raise RuntimeError(
+                "second_step() in a SAM step without an ascent: the step was decided (decide()) but no first_step() "
+                "succeeded, so there is no perturbed gradient to step with; call first_step() with this step's "
+                "clean gradient, or abandon the step with cancel_step()"
+            )
         self._stats.losses(loss, perturbed_loss)
         self.restore()  # the hooks see w, as they do around step()
         for hook in (*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
@@ -583,8 +659,14 @@ class SAM(Optimizer):
                 t.grad = g
         if self._stats.enabled:
             self._stats.before_descent(sam, self._params(), state.clean, self.param_groups[0].get("lr"))
-        if scaler is not None and type(self)._descend is not SAM._descend:
+        if scaler is not None and scaler.is_enabled():
             _unscale_once(scaler, self.base_optimizer)  # the variant's descent mixes g and g_s: both unscaled
+            if _found_inf(scaler, self.base_optimizer):  # an overflow: the scaler's business, skipped whole
+                scaler.step(self.base_optimizer)  # records the overflow for scaler.update() and skips the base step
+                self.cancel_step()
+                return
+        elif sam:
+            self._check_perturbed_gradient()
         self._descend(sam)
         if max_grad_norm is not None:
             if scaler is not None:
@@ -599,6 +681,26 @@ class SAM(Optimizer):
         self._stats.end(state.steps, sam)
         self._opt_called = True  # what an LR scheduler attached to this optimizer checks for
 
+    def _check_perturbed_gradient(self) -> None:
+        """Abandon the step and raise when a gradient of the perturbed pass is inf or NaN (w is already restored)."""
+        present = [(i, t) for i, t in enumerate(self._params()) if t.grad is not None and not t.grad.is_sparse]
+        grads = [cast(Tensor, t.grad) for _, t in present]
+        finite = finite_by_norms(grads)
+        if finite is None or bool(finite):
+            return
+        position = first_non_finite(grads)
+        if position is None:
+            return  # finite gradients whose float32 norm overflowed
+        index, t = present[position]
+        self.cancel_step()
+        raise FloatingPointError(
+            f"the gradient of the perturbed pass (at w + ε̂) is inf or NaN in parameter {index} (shape "
+            f"{tuple(t.shape)}): SAM will not write non-finite values into the weights. The weights are back at w "
+            "and the step was abandoned (no base step; counters and state as before it): zero the gradients and go "
+            "on with the next batch, lower rho or the learning rate, or under fp16 pass a GradScaler "
+            "(second_step(scaler=...) or samkit.sam_step(..., scaler=...)), which skips such steps"
+        )
+
     def _step_passes(self, sam: bool) -> float:
         """Forward-backward passes over the batch that this step cost."""
         return 2.0 if sam else 1.0
@@ -612,6 +714,7 @@ class SAM(Optimizer):
         self._step.set_aside = []
         self._step.clean = None
         self._stats.discard()
+        self._step.ascents = 0
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -643,13 +746,18 @@ class SAM(Optimizer):
     def _gradient_list(self, grads: Optional[Sequence[Optional[Tensor]]]) -> list[Optional[Tensor]]:
         params = self._params()
         if grads is None:
-            return [t.grad for t in params]
-        if len(grads) != len(params):
+            gradients = [t.grad for t in params]
+        elif len(grads) != len(params):
             raise ValueError(
                 f"grads has {len(grads)} entries but the optimizer has {len(params)} parameters: give one gradient "
                 "(or None) per parameter, in param-group order"
             )
-        return list(grads)
+        else:
+            gradients = list(grads)
+        sparse = next((i for i, g in enumerate(gradients) if g is not None and g.is_sparse), None)
+        if sparse is not None:  # on every step, whatever the rule decides: a one-pass step would work, the next not
+            raise RuntimeError(sparse_gradient_message(params[sparse], sparse))
+        return gradients
 
     def ascent_groups(self, grads: Sequence[Optional[Tensor]]) -> list[PerturbationGroup]:
         """The groups this optimizer's ascent perturbs for these gradients (one per parameter, None to leave it
@@ -660,16 +768,25 @@ class SAM(Optimizer):
     def _perturbation_groups(self, gradients: list[Optional[Tensor]]) -> list[PerturbationGroup]:
         position = 0
         groups = []
-        for group in self.param_groups:
+        for number, group in enumerate(self.param_groups):
             members = group["params"]
-            pairs = [(t, g) for t, g in zip(members, gradients[position : position + len(members)]) if g is not None]
+            start = position
+            indexed = zip(range(start, start + len(members)), members, gradients[start : start + len(members)])
             position += len(members)
-            sparse = next((t for t, g in pairs if g.is_sparse), None)
-            if sparse is not None:
-                raise RuntimeError(
-                    f"SAM does not support sparse gradients (parameter of shape {tuple(sparse.shape)}); use dense "
-                    "gradients, e.g. nn.Embedding(..., sparse=False)"
+            present = [(i, t, g) for i, t, g in indexed if g is not None]
+            complex_ = None
+            if float(group["p"]) != 2.0:
+                complex_ = next(((i, t) for i, t, g in present if t.is_complex() or g.is_complex()), None)
+            if complex_ is not None:
+                i, t = complex_
+                raise ValueError(
+                    f"p={group['p']!r} (param group {number}) is not defined for the complex parameter {i} (shape "
+                    f"{tuple(t.shape)}, {t.dtype}): ε̂ for p != 2 takes the sign of each entry, which a complex number "
+                    "does not have; use p=2 for this param group (it treats a complex entry as its real and imaginary "
+                    "parts), or make the parameter real (e.g. a real tensor of shape (..., 2) viewed with "
+                    "torch.view_as_complex in forward)"
                 )
+            pairs = [(t, g) for _, t, g in present]
             groups.append(
                 PerturbationGroup.from_param_group(
                     group, [t for t, _ in pairs], [g for _, g in pairs], rho=self._group_rho(group)
@@ -714,6 +831,8 @@ class SAM(Optimizer):
         state = self.base_optimizer.state_dict()
         state["sam"] = {
             "class": type(self).__name__,
+            "base": type(self.base_optimizer).__name__,
+            "shapes": [list(t.shape) for t in self._params()],
             "steps_taken": self._step.steps,
             "sam_steps": self._step.sam_steps,
             "passes": self._step.passes,
@@ -723,7 +842,14 @@ class SAM(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict saved by the same class with the same options (a mismatch raises and names them)."""
+        """Load a state dict saved by the same class, around the same base optimizer, for parameters of the same
+        shapes, with the same options; between steps. A mismatch raises, names it and the fix, and loads nothing."""
+        if self._step.phase is not Phase.READY:
+            raise RuntimeError(
+                f"load_state_dict() called in the middle of a step (between first_step() and second_step(), phase "
+                f"{self._step.phase.value}){': the weights are perturbed' if self.perturbed else ''}; finish the "
+                "step with second_step() or abandon it with cancel_step() first, then load"
+            )
         if "sam" not in state_dict:
             raise ValueError(
                 "this state dict has no 'sam' entry: it was not saved by samkit.SAM.state_dict(); load a base "
@@ -747,6 +873,14 @@ class SAM(Optimizer):
                 "checkpoint first, then build a new optimizer and copy the base state with "
                 "new.base_optimizer.load_state_dict(...)"
             )
+        saved_base, base = saved.get("base"), type(self.base_optimizer).__name__
+        if saved_base is not None and saved_base != base:
+            raise ValueError(
+                f"this state dict was saved by a {saved_class} around {saved_base}, this {type(self).__name__} wraps "
+                f"{base}: its state ({saved_base}'s) would not fit; build the {type(self).__name__} with "
+                f"base_optimizer={saved_base} to resume, or load only the model's weights to start {base} afresh"
+            )
+        self._check_shapes(saved.get("shapes"))
         base_state = {k: v for k, v in state_dict.items() if k != "sam"}
         self.base_optimizer.load_state_dict(base_state)
         self._link()  # load_state_dict replaced the base's group list and state
@@ -758,6 +892,25 @@ class SAM(Optimizer):
         self._step.sam_steps = int(saved.get("sam_steps", 0))
         self._step.passes = float(saved.get("passes", 0.0))
         self._load_memory_state(dict(saved.get("memory", {})))
+
+    def _check_shapes(self, shapes: Optional[list]) -> None:
+        """Refuse a checkpoint saved for parameters of other shapes (its state, e.g. momenta, would not fit)."""
+        if shapes is None:  # a checkpoint saved before the shapes were recorded
+            return
+        params = self._params()
+        now = [list(t.shape) for t in params]
+        if [list(s) for s in shapes] == now:
+            return
+        if len(shapes) != len(now):
+            raise ValueError(
+                f"this state dict was saved for {len(shapes)} parameters, this {type(self).__name__} has "
+                f"{len(now)}: resume with the model the checkpoint was saved for, built the same way"
+            )
+        i = next(i for i, (a, b) in enumerate(zip(shapes, now)) if list(a) != b)
+        raise ValueError(
+            f"parameter {i} has shape {tuple(shapes[i])} in the state dict but {tuple(now[i])} here: resume with the "
+            "model the checkpoint was saved for (same layers, same sizes, same order)"
+        )
 
     def __getstate__(self) -> dict:
         # torch's Optimizer pickles only defaults/state/param_groups; a SAM needs all of its attributes. An
@@ -796,6 +949,35 @@ def _copied(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _copied(v) for k, v in value.items()}
     return value
+
+
+def finite_by_norms(tensors: Sequence[Tensor]) -> Optional[Tensor]:
+    """A 0-dim bool tensor: whether every tensor's 2-norm is finite (None for no tensors), with no synchronisation.
+
+    A NaN or inf entry makes the norm non-finite; fp16 / bf16 tensors are summed in float32, so their finite
+    values never overflow it (float32 ones overflow it only above ~1e19: confirm with ``first_non_finite``). A
+    2-norm, not max |x|: torch's 2-norm kernels are the fast ones."""
+    low = [t for t in tensors if t.dtype in LOW_PRECISION]
+    high = [t for t in tensors if t.dtype not in LOW_PRECISION]
+    norms = list(torch._foreach_norm(high)) if high else []
+    norms += list(torch._foreach_norm(low, dtype=torch.float32)) if low else []
+    if not norms:
+        return None
+    device = norms[0].device
+    if any(n.device != device for n in norms):  # tensors on several devices (model parallel)
+        norms = [n.to(device) for n in norms]
+    return torch.isfinite(torch.stack(norms)).all()
+
+
+def first_non_finite(tensors: Sequence[Tensor]) -> Optional[int]:
+    """The position of the first tensor holding an inf or NaN, None when all are finite (exact, one sync each)."""
+    return next((i for i, t in enumerate(tensors) if not bool(torch.isfinite(t).all())), None)
+
+
+def _found_inf(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> bool:
+    """Whether the gradients the scaler unscaled for this optimizer this step hold an inf or NaN."""
+    found = scaler._per_optimizer_states[id(optimizer)].get("found_inf_per_device", {})
+    return any(bool(v.item()) for v in found.values())
 
 
 def _unscale_once(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> None:

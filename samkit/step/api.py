@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from samkit.optim.sam import SAM
+from samkit.optim.sam import SAM, check_max_grad_norm
 from samkit.step.common import Precision, all_finite, is_ddp, is_fsdp, skip_step
 from samkit.step.loop import loop_step_gradients
 from samkit.step.selective import selective_step_gradients, selects_examples
@@ -77,7 +77,9 @@ def sam_step(
             default for that reason. See BENCHMARKS.md.
         scaler: a ``torch.amp.GradScaler`` for fp16: both passes are scaled and unscaled here (no "unscale
             twice"), a non-finite gradient in either pass skips the whole step (weights, counters and the
-            variant's state untouched) and the scale is updated once per step.
+            variant's state untouched) and the scale is updated once per step. Without a scaler, an inf or NaN
+            gradient in either pass raises ``FloatingPointError``: the weights are w and the optimizer's step is
+            abandoned (counters and state as before it; see docs/refusals.md).
         max_grad_norm: clip the final descent gradient to this global 2-norm; ε̂ never sees clipping, and
             clipping changes only the magnitude of the step.
         autocast: run the forward passes under ``torch.autocast`` with this dtype (``torch.bfloat16`` or
@@ -182,8 +184,7 @@ def _check_arguments(optimizer, model, inputs, targets, k, perturbation, backend
         )
     if is_fsdp(model):
         _check_fsdp(optimizer, perturbation, backend)
-    if max_grad_norm is not None and not (max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}")
+    check_max_grad_norm(max_grad_norm)
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.distributed.fsdp import FSDPModule
 
+from samkit.optim.sam import finite_by_norms, first_non_finite, sparse_gradient_message
 from samkit.optim.sharded import to_local
 
 
@@ -91,10 +92,15 @@ def all_finite(trainable, model, precision: Precision, grads=None) -> bool:
     """Whether every gradient is finite (agreed across DDP replicas, so that all of them skip together; under FSDP2
     each rank sees only its shards, so the ranks always agree, or one would raise while the others wait)."""
     grads = [t.grad for t in trainable] if grads is None else grads
+    sparse = next((g for g in grads if g is not None and g.is_sparse), None)
+    if sparse is not None:
+        raise RuntimeError(sparse_gradient_message(sparse))
     grads = [to_local(g) for g in grads if g is not None]
-    if not grads:
+    finite = finite_by_norms(grads)  # fp16 / bf16 norms summed in float32: a large finite gradient is finite
+    if finite is None:
         return True
-    finite = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)])).all()
+    if not bool(finite) and first_non_finite(grads) is None:  # finite values whose float32 norm overflowed
+        finite = torch.ones((), dtype=torch.bool, device=finite.device)
     if is_fsdp(model) or (is_ddp(model) and precision.scaler is not None):
         flag = (~finite).to(torch.float32).reshape(1)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
