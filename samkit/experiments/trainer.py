@@ -56,7 +56,7 @@ from samkit.experiments.optimizers import build_optimizer
 from samkit.experiments.schedule import set_learning_rate
 from samkit.experiments.status import classify_run
 from samkit.experiments.step_log import DEFAULT_EVERY, StepLog, check_every, tensorboard_writer_class
-from samkit.experiments.steps import make_loss_fn, make_scaler, train_step
+from samkit.experiments.steps import Diverged, make_loss_fn, make_scaler, train_step
 
 TRAIN_EVAL_EXAMPLES = 2000
 # errors of a write that the user can fix (space, permissions, a read-only or failing disk): reported, not traced
@@ -474,7 +474,7 @@ class _Training:
             self.lr = set_learning_rate(optimizer, self.step, total_steps, config.schedule)
             try:
                 loss = train_step(config, optimizer, model, step_loss, x, targets, scaler=scaler)
-            except FloatingPointError as error:
+            except Diverged as error:  # the one rule for every method (experiments/steps.py)
                 self._say(f"diverged at step {self.step}: {error}")
                 return math.nan
             if self.term is not None:
