@@ -400,7 +400,7 @@ def _write_after_printing(write, what: str) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from samkit.experiments.evaluate import evaluate_run, format_evaluation, write_evaluation
+    from samkit.experiments.evaluate_run import evaluate_run, format_evaluation, write_evaluation
 
     corruptions = args.corruptions
     if corruptions == ["all"]:

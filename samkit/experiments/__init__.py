@@ -2,9 +2,9 @@
 
 from samkit.experiments.compare import CompareResult, compare
 from samkit.experiments.config import TrainConfig
-from samkit.experiments.evaluate import evaluate_run
+from samkit.experiments.evaluate_run import evaluate_run
 from samkit.experiments.flatness import run_landscape, run_sharpness
-from samkit.experiments.runs import SavedRun, open_run
+from samkit.experiments.saved_runs import SavedRun, open_run
 from samkit.experiments.trainer import TrainingInterrupted, train
 
 __all__ = [

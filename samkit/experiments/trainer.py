@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from samkit.experiments import distributed, plots, rundir
+from samkit.experiments import distributed, run_figures, rundir
 from samkit.experiments import fsdp as sharding
 from samkit.experiments.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from samkit.experiments.config import TrainConfig
@@ -53,10 +53,10 @@ from samkit.experiments.files import interrupts_held, read_json, write_json, wri
 from samkit.experiments.inputs import RunData, label_noise_record, load_run_data
 from samkit.experiments.metrics import evaluate
 from samkit.experiments.optimizers import build_optimizer
+from samkit.experiments.run_status import classify_run
 from samkit.experiments.schedule import set_learning_rate
-from samkit.experiments.status import classify_run
 from samkit.experiments.step_log import DEFAULT_EVERY, StepLog, check_every, tensorboard_writer_class
-from samkit.experiments.steps import Diverged, make_loss_fn, make_scaler, train_step
+from samkit.experiments.train_step import Diverged, make_loss_fn, make_scaler, train_step
 
 TRAIN_EVAL_EXAMPLES = 2000
 # errors of a write that the user can fix (space, permissions, a read-only or failing disk): reported, not traced
@@ -255,7 +255,7 @@ class _Training:
         torch.manual_seed(self.config.seed)
         model = build_model(self.config.model, **data.model_shape)
         if self.config.init_from is not None:
-            from samkit.experiments.runs import open_run
+            from samkit.experiments.saved_runs import open_run
             from samkit.experiments.transfer import load_matching_weights
 
             source = open_run(self.config.init_from)
@@ -474,7 +474,7 @@ class _Training:
             self.lr = set_learning_rate(optimizer, self.step, total_steps, config.schedule)
             try:
                 loss = train_step(config, optimizer, model, step_loss, x, targets, scaler=scaler)
-            except Diverged as error:  # the one rule for every method (experiments/steps.py)
+            except Diverged as error:  # the one rule for every method (experiments/train_step.py)
                 self._say(f"diverged at step {self.step}: {error}")
                 return math.nan
             if self.term is not None:
@@ -581,9 +581,9 @@ class _Training:
             title = f"{config.optimizer} on {config.data} ({config.model}), seed {config.seed}"
             if self.metrics:
                 curves = self.out / rundir.CURVES_PLOT
-                plots.learning_curves(self.metrics, curves, title=title, steps=self.step_log.rows)
+                run_figures.learning_curves(self.metrics, curves, title=title, steps=self.step_log.rows)
             if any("lambda_max" in row for row in self.metrics):
-                plots.hessian_evolution(self.metrics, self.out / rundir.HESSIAN_PLOT, title=title)
+                run_figures.hessian_evolution(self.metrics, self.out / rundir.HESSIAN_PLOT, title=title)
         if self.context.is_main:
             write_json(self.out / rundir.SUMMARY, summary)
             self._say(

@@ -12,7 +12,7 @@ from torch import nn
 
 from samkit.experiments.config import TrainConfig
 from samkit.experiments.optimizers import build_optimizer
-from samkit.experiments.steps import Diverged, make_loss_fn, make_scaler, train_step
+from samkit.experiments.train_step import Diverged, make_loss_fn, make_scaler, train_step
 from samkit.experiments.trainer import train
 
 from .conftest import TINY
