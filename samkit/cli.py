@@ -409,7 +409,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
-    from samkit.experiments.trainer import WRITE_ERRNOS, TrainingInterrupted
+    from samkit.experiments.errors import WRITE_ERRNOS
+    from samkit.experiments.trainer import TrainingInterrupted
 
     def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
         print(f"samkit {args.command}: warning: {message}", file=sys.stderr)

@@ -244,7 +244,7 @@ def compare(
     (``samkit.experiments.timing``: blocks of that many steps, 5 interleaved rounds), for the report's time
     column; 0 reports the runs' own training seconds per step instead."""
     out = Path(out)
-    from samkit.experiments.trainer import check_names
+    from samkit.experiments.training.model_init import check_names
 
     with checking():  # bad input, before any training
         _check_time_steps(time_steps)
