@@ -67,6 +67,13 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas (e.g. 4,8,16), got {text!r}") from None
+
+
 def _name_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -220,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--optimizers", type=_name_list, help="comma-separated (default sgd,sam,msam)")
     compare.add_argument(
+        "--micro-batch-sizes",
+        type=_int_list,
+        metavar="M,M,...",
+        help="the m-sharpness sweep: one method msam-m<m> per size m (mSAM with micro-batches of m examples; m = "
+        "the batch is SAM), added to --optimizers (default then: sgd)",
+    )
+    compare.add_argument(
         "--seeds", type=_seeds, default=None, help="a count (3) or a list (0,1,2; one seed: 5,); default 3"
     )
     compare.add_argument("--out", type=Path, default=Path("runs/compare"), metavar="DIR")
@@ -284,16 +298,19 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from samkit.experiments.compare import DEFAULT_BASE, DEFAULT_OPTIMIZERS, DEFAULT_SEEDS, compare
+    from samkit.experiments.compare import DEFAULT_BASE, DEFAULT_OPTIMIZERS, DEFAULT_SEEDS, compare, micro_batch_sweep
 
     given = _given_fields(args)
     # no training option at all: the README's job; any training option: start from `samkit train`'s defaults,
     # so that nothing of the README job (its 40 % label noise, say) leaks silently into another comparison
     base = TrainConfig(**given) if given or args.lr or args.rho else DEFAULT_BASE
+    optimizers = args.optimizers or DEFAULT_OPTIMIZERS
+    if args.micro_batch_sizes is not None:
+        optimizers = [*(args.optimizers or ["sgd"]), *micro_batch_sweep(args.micro_batch_sizes)]
     result = compare(
         base,
         args.out,
-        optimizers=args.optimizers or DEFAULT_OPTIMIZERS,
+        optimizers=optimizers,
         seeds=args.seeds or DEFAULT_SEEDS,
         lrs=args.lr,
         rhos=args.rho,
