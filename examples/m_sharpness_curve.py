@@ -17,7 +17,7 @@ on micro-batches of m examples, each with its own ε̂, generalises better as m 
     table:       per m, test error, Δ vs SGD paired by seed, and the m-sharpness at the model's own m next to
                  SGD's at the same m
 
-    python examples/m_sharpness_curve.py OUT [--examples 1024] [--steps 5]
+    python examples/m_sharpness_curve.py OUT [--examples 1024] [--steps 5] [--threads 1]
 
 Writes OUT/m_sharpness_curve.png, .md and .json. Measuring needs the runs' checkpoint.pt files (kept in the run
 folders by `compare`, not committed); the cached values are enough to redraw.
@@ -203,7 +203,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("out", type=Path, help="the folder of a `samkit compare --micro-batch-sizes ...` run")
     parser.add_argument("--examples", type=int, default=1024, help="training examples to measure on")
     parser.add_argument("--steps", type=int, default=5, help="ascent steps of the worst-case m-sharpness")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (small models: 1 is fastest)")
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     groups = read_rows(args.out)
     rhos = {float(r["rho"]) for name, rows in groups.items() if name != "sgd" for r in rows}
     if len(rhos) != 1:

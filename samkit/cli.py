@@ -52,6 +52,8 @@ _FIELDS: dict[str, Callable[[str], Any]] = {
     "max_grad_norm": float,
     "amp": str,
     "track_hessian": int,
+    "subspace": str,
+    "subspace_beta": float,
 }
 
 
@@ -153,6 +155,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--track-hessian", type=int, metavar="N", help="record lambda_max every N epochs (default never)"
     )
+    group.add_argument(
+        "--subspace", choices=("line",), help="train a line of networks: w(α) = (1 − α) w1 + α w2, α ~ U[0, 1] a batch"
+    )
+    group.add_argument("--subspace-beta", type=float, metavar="BETA", help="weight of the line's cos²(w1, w2) (1)")
     group.add_argument("--device", choices=DEVICES, default="auto", help="default auto: cuda if available")
     group.add_argument(
         "--threads",
