@@ -160,3 +160,26 @@ def test_bad_subspace_options_are_refused_by_name(changes, message):
 def test_a_line_config_resolves_beta_to_the_papers_one():
     assert TINY.replace(subspace="line").resolved().subspace_beta == 1.0
     assert TINY.resolved().subspace_beta is None
+
+
+def test_sams_ascent_on_a_line_moves_the_point_by_rho_times_its_norm_factor_along_g():
+    from samkit.optim import SAM
+
+    line = line_of("mlp", torch.float64).train()
+    rho, alpha = 0.05, 0.3
+    line.set_alpha(alpha)
+    x, y = torch.randn(16, 1, 8, 8, dtype=torch.float64), torch.arange(16) % 4
+    before = {k: v.detach().clone() for k, v in line.point(alpha).items()}
+    # g: the gradient at w(α), from a plain network holding those weights
+    plain = build_model("mlp", **SHAPE).double()
+    plain.load_state_dict(before)
+    F.cross_entropy(plain(x), y).backward()
+    g = {k: p.grad for k, p in plain.named_parameters()}
+    g_norm = torch.sqrt(sum(v.pow(2).sum() for v in g.values()))
+    optimizer = SAM(line.parameters(), torch.optim.SGD, rho=rho, lr=0.1)
+    F.cross_entropy(line(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    after = line.point(alpha)
+    factor = ((1 - alpha) ** 2 + alpha**2) ** 0.5
+    for k in before:
+        torch.testing.assert_close(after[k].detach() - before[k], rho * factor * g[k] / g_norm, rtol=1e-6, atol=1e-12)
