@@ -137,3 +137,32 @@ def test_m_sharpness_curve_needs_sgd_and_a_sweep(tmp_path):
     (tmp_path / "results.csv").write_text("optimizer,seed,status,selected,test_error,run\nsam,0,ok,True,0.1,a\n")
     with pytest.raises(ValueError, match="needs ok runs of sgd"):
         curve["read_rows"](tmp_path)
+
+
+line_table = runpy.run_path(str(EXAMPLES / "line_table.py"))
+
+
+def test_line_table_matches_numpy_on_fake_line_runs(tmp_path):
+    rng = np.random.default_rng(2)
+    along = rng.uniform(0.7, 0.9, size=(3, 5))
+    lines = ["optimizer,seed,status,selected,test_error,run"]
+    for seed in range(3):
+        name = f"sam_seed{seed}"
+        record = {
+            "test_accuracy_along": dict(zip(["0", "0.25", "0.5", "0.75", "1"], along[seed].tolist())),
+            "endpoints_mean_test_accuracy": (along[seed, 0] + along[seed, 4]) / 2,
+            "ensemble_test_accuracy": 0.95 - 0.01 * seed,
+            "cos_squared": 0.001 * seed,
+            "length": 10.0 + seed,
+        }
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "summary.json").write_text(json.dumps({"subspace": record}))
+        lines.append(f"sam,{seed},ok,True,0.1,{name}")
+    lines.append("sam,9,diverged,True,0.9,missing")  # no summary: must not be read
+    (tmp_path / "results.csv").write_text("\n".join(lines) + "\n")
+    table = line_table["line_rows"](tmp_path)["sam"]
+    t2 = 4.302652729911275
+    midpoint = 100 * (1 - along[:, 2])
+    assert table["α=0.5"] == pytest.approx([midpoint.mean(), t2 * midpoint.std(ddof=1) / np.sqrt(3)], rel=1e-9)
+    assert table["ensemble"][0] == pytest.approx(100 * (1 - np.mean([0.95, 0.94, 0.93])), rel=1e-12)
+    assert table["length"][0] == pytest.approx(11.0)
