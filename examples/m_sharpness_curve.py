@@ -14,8 +14,8 @@ on micro-batches of m examples, each with its own ε̂, generalises better as m 
     left panel:  test error (mean ± 95 % t interval over seeds) against m, log scale, with SGD's mean ± interval
                  as a horizontal band
     right panel: the mean m-sharpness measured at m' against m', one line per trained method (SGD, each m)
-    table:       per m, test error, Δ vs SGD paired by seed, and the m-sharpness at the model's own m next to
-                 SGD's at the same m
+    table:       per m, test error, Δ vs SGD and Δ vs the largest m (SAM), paired by seed, and the m-sharpness at
+                 the model's own m next to SGD's at the same m
 
     python examples/m_sharpness_curve.py OUT [--examples 1024] [--steps 5] [--threads 1]
 
@@ -105,11 +105,13 @@ def curve(groups: dict[str, list[dict[str, str]]], sharpness: dict[str, dict[int
     """The numbers of the figure and the table, from the rows and each run's measured m-sharpness."""
     sizes = sizes_of(groups)
     sgd = {int(r["seed"]): float(r["test_error"]) for r in groups["sgd"]}
+    sam = {int(r["seed"]): float(r["test_error"]) for r in groups[f"msam-m{sizes[-1]}"]}  # the largest m
     lines = []
     for m in sizes:
         rows = groups[f"msam-m{m}"]
         errors = [float(r["test_error"]) for r in rows]
         deltas = [float(r["test_error"]) - sgd[int(r["seed"])] for r in rows if int(r["seed"]) in sgd]
+        to_largest = [float(r["test_error"]) - sam[int(r["seed"])] for r in rows if int(r["seed"]) in sam]
         own = [sharpness[r["run"]][m] for r in rows]
         sgd_at_m = [sharpness[r["run"]][m] for r in groups["sgd"]]
         lines.append(
@@ -119,6 +121,7 @@ def curve(groups: dict[str, list[dict[str, str]]], sharpness: dict[str, dict[int
                 "seeds": len(rows),
                 "error": t_interval(errors),
                 "delta": t_interval(deltas),
+                "delta_largest": t_interval(to_largest),
                 "sharpness": t_interval(own),
                 "sgd_sharpness": t_interval(sgd_at_m),
             }
@@ -145,14 +148,15 @@ def markdown(result: dict[str, Any], setting: str) -> str:
         "",
         f"SGD: test error {_pm(result['sgd_error'], 100)} %.",
         "",
-        "| m | micro-batches | seeds | test error (%) | Δ vs SGD (pp) | m-sharpness at m (×1e3) | "
-        "SGD's m-sharpness at m (×1e3) |",
-        "|---|---|---|---|---|---|---|",
+        f"| m | micro-batches | seeds | test error (%) | Δ vs SGD (pp) | Δ vs m = {result['sizes'][-1]} (pp) | "
+        "m-sharpness at m (×1e3) | SGD's m-sharpness at m (×1e3) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for line in result["lines"]:
         lines.append(
             f"| {line['m']} | {line['micro_batches']} | {line['seeds']} | {_pm(line['error'], 100)} | "
-            f"{_pm(line['delta'], 100)} | {_pm(line['sharpness'], 1e3, 3)} | {_pm(line['sgd_sharpness'], 1e3, 3)} |"
+            f"{_pm(line['delta'], 100)} | {_pm(line['delta_largest'], 100)} | {_pm(line['sharpness'], 1e3, 3)} | "
+            f"{_pm(line['sgd_sharpness'], 1e3, 3)} |"
         )
     return "\n".join(lines) + "\n"
 

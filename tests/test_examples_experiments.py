@@ -123,6 +123,10 @@ def test_m_sharpness_curve_matches_numpy_on_a_fake_sweep(tmp_path):
         assert line["m"] == m and line["seeds"] == 3
         assert line["error"] == pytest.approx(interval(errors(f"msam-m{m}")), rel=1e-9)
         assert line["delta"] == pytest.approx(interval(errors(f"msam-m{m}") - errors("sgd")), rel=1e-9)
+        if m == 4:  # the largest m of the sweep (8) is the reference of the second Δ
+            assert line["delta_largest"] == pytest.approx(interval(errors("msam-m4") - errors("msam-m8")), rel=1e-9)
+        else:
+            assert line["delta_largest"] == [0.0, 0.0]
         own = [truth[f"msam-m{m}_seed{s}"][m] for s in range(3)]
         assert line["sharpness"] == pytest.approx(interval(own), rel=1e-9)
         assert line["sgd_sharpness"] == pytest.approx(interval([truth[f"sgd_seed{s}"][m] for s in range(3)]), rel=1e-9)
