@@ -122,6 +122,9 @@ def test_the_summary_reports_accuracy_along_the_line(tmp_path):
     assert list(record["test_accuracy_along"]) == ["0", "0.25", "0.5", "0.75", "1"]
     assert record["midpoint_test_accuracy"] == summary["test_accuracy"]  # no BN: the midpoint the trainer evaluated
     assert not record["batch_norm_recalibrated"] and record["length"] > 0
+    from samkit.experiments.evaluate import evaluate_run
+
+    assert evaluate_run(tmp_path / "run")["test_accuracy"] == summary["test_accuracy"]  # a saved line opens at 0.5
     # the endpoints and their ensemble, recomputed from the checkpoint with plain models
     from samkit.data import load_dataset
 
@@ -183,3 +186,16 @@ def test_sams_ascent_on_a_line_moves_the_point_by_rho_times_its_norm_factor_alon
     factor = ((1 - alpha) ** 2 + alpha**2) ** 0.5
     for k in before:
         torch.testing.assert_close(after[k].detach() - before[k], rho * factor * g[k] / g_norm, rtol=1e-6, atol=1e-12)
+
+
+def test_the_report_re_estimates_batch_norm_statistics_at_each_point():
+    line = line_of("mlp-bn")
+    x = torch.randn(64, 1, 8, 8)
+    point = subspace_module.at_alpha(line, 0.3, x, 32, "cpu")
+    assert not point.training and point.eval_alpha == 0.3
+    weights = line.point(0.3)
+    with torch.no_grad():  # the first BN layer sees x @ W^T of the interpolated first Linear (no bias before BN)
+        before_norm = x.flatten(1) @ weights["net.1.weight"].T
+    bn = point.endpoints[0].net[2]
+    torch.testing.assert_close(bn.running_mean, before_norm.mean(0), rtol=1e-5, atol=1e-6)
+    assert torch.equal(line.endpoints[0].net[2].running_mean, torch.zeros(256))  # the line itself is untouched
