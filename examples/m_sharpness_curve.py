@@ -19,7 +19,9 @@ on micro-batches of m examples, each with its own ε̂, generalises better as m 
 
     python examples/m_sharpness_curve.py OUT [--examples 1024] [--steps 5] [--threads 1]
 
-Writes OUT/m_sharpness_curve.png, .md and .json. Measuring needs the runs' checkpoint.pt files (kept in the run
+Writes OUT/m_sharpness_curve.png, .md and .json. ``--train-mode``: BatchNorm normalises each micro-batch by its own
+statistics during the measurement, as in mSAM's training passes (cached apart, written as
+OUT/m_sharpness_curve_train_mode.*). Measuring needs the runs' checkpoint.pt files (kept in the run
 folders by `compare`, not committed); the cached values are enough to redraw.
 """
 
@@ -37,6 +39,7 @@ import numpy as np
 
 SWEEP = re.compile(r"msam-m(\d+)")
 CACHE = "m_sharpness.json"
+TRAIN_MODE_CACHE = "m_sharpness_train_mode.json"
 
 
 def t_interval(values: list[float]) -> tuple[float, float]:
@@ -71,10 +74,15 @@ def sizes_of(groups: dict[str, Any]) -> list[int]:
     return sorted(int(SWEEP.fullmatch(name).group(1)) for name in groups if SWEEP.fullmatch(name))
 
 
-def measure(run: Path, sizes: list[int], rho: float, examples: int, steps: int) -> dict[int, float]:
-    """m-sharpness of the run's model at each m, cached in the run folder (recomputed if the settings differ)."""
+def measure(
+    run: Path, sizes: list[int], rho: float, examples: int, steps: int, train_mode: bool = False
+) -> dict[int, float]:
+    """m-sharpness of the run's model at each m, cached in the run folder (recomputed if the settings differ).
+
+    ``train_mode``: BatchNorm normalises each micro-batch with its own statistics, as in mSAM's training passes
+    (eval mode, the default, uses the running statistics)."""
     settings = {"rho": rho, "examples": examples, "steps": steps, "kind": "worst"}
-    cache = run / CACHE
+    cache = run / (TRAIN_MODE_CACHE if train_mode else CACHE)
     if cache.exists():
         stored = json.loads(cache.read_text())
         if stored["settings"] == settings and all(str(m) in stored["values"] for m in sizes):
@@ -96,7 +104,10 @@ def measure(run: Path, sizes: list[int], rho: float, examples: int, steps: int) 
     x, y = data.dataset.x_train[:count], data.train_labels[:count]
     batches = [(x[i : i + batch], y[i : i + batch]) for i in range(0, count, batch)]
     loss = make_loss_fn(0.0)
-    values = {m: float(m_sharpness(model, loss, batches, rho=rho, micro_batch_size=m, steps=steps)) for m in sizes}
+    values = {
+        m: float(m_sharpness(model, loss, batches, rho=rho, micro_batch_size=m, steps=steps, train_mode=train_mode))
+        for m in sizes
+    }
     cache.write_text(json.dumps({"settings": settings, "values": {str(m): v for m, v in values.items()}}, indent=1))
     return values
 
@@ -208,6 +219,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--examples", type=int, default=1024, help="training examples to measure on")
     parser.add_argument("--steps", type=int, default=5, help="ascent steps of the worst-case m-sharpness")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (small models: 1 is fastest)")
+    parser.add_argument(
+        "--train-mode", action="store_true", help="measure with BatchNorm in train mode (each micro-batch's statistics)"
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -221,19 +235,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     sharpness = {}
     for rows in groups.values():
         for row in rows:
-            sharpness[row["run"]] = measure(args.out / "runs" / row["run"], sizes, rho, args.examples, args.steps)
+            run = args.out / "runs" / row["run"]
+            sharpness[row["run"]] = measure(run, sizes, rho, args.examples, args.steps, args.train_mode)
             print(f"{row['run']}: " + ", ".join(f"m={m} {v:.4g}" for m, v in sharpness[row["run"]].items()), flush=True)
     result = curve(groups, sharpness)
-    setting = (f"m-sharpness (worst case, {args.steps} ascent steps, ρ = {rho:g}) on the first {args.examples} "
+    mode = "BatchNorm in train mode, " if args.train_mode else ""
+    setting = (f"m-sharpness ({mode}worst case, {args.steps} ascent steps, ρ = {rho:g}) on the first {args.examples} "
                f"training examples (rounded down to whole batches of {sizes[-1]}); test error and Δ: mean ± 95 % t "
                "interval over seeds, Δ paired by seed.")
+    stem = "m_sharpness_curve_train_mode" if args.train_mode else "m_sharpness_curve"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "m_sharpness_curve.md").write_text(markdown(result, setting))
-    (args.out / "m_sharpness_curve.json").write_text(json.dumps(
+    (args.out / f"{stem}.md").write_text(markdown(result, setting))
+    (args.out / f"{stem}.json").write_text(json.dumps(
         {"rho": rho, "examples": args.examples, "steps": args.steps, "sizes": sizes, "sgd_error": result["sgd_error"],
          "lines": result["lines"], "measured": {g: {str(m): v for m, v in by.items()} for g, by in
                                                 result["measured"].items()}}, indent=1))
-    plot(args.out / "m_sharpness_curve.png", result, f"m-sharpness curve: {args.out.name}")
+    plot(args.out / f"{stem}.png", result, f"m-sharpness curve: {args.out.name}" + (" (BN train mode)" if mode else ""))
     print(markdown(result, setting))
 
 
