@@ -59,6 +59,8 @@ _FIELDS: dict[str, Callable[[str], Any]] = {
     "max_grad_norm": float,
     "amp": str,
     "track_hessian": int,
+    "subspace": str,
+    "subspace_beta": float,
 }
 
 
@@ -84,6 +86,13 @@ def _threads(text: str) -> int:
             f"expected a number of threads >= 1, got {text!r} (omit --threads for torch's choice)"
         )
     return count
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas (e.g. 4,8,16), got {text!r}") from None
 
 
 def _name_list(text: str) -> list[str]:
@@ -171,6 +180,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--track-hessian", type=int, metavar="N", help="record lambda_max every N epochs (default never)"
     )
+    group.add_argument(
+        "--subspace", choices=("line",), help="train a line of networks: w(α) = (1 − α) w1 + α w2, α ~ U[0, 1] a batch"
+    )
+    group.add_argument("--subspace-beta", type=float, metavar="BETA", help="weight of the line's cos²(w1, w2) (1)")
     group.add_argument("--device", choices=DEVICES, default="auto", help="default auto: cuda if available")
     group.add_argument(
         "--threads",
@@ -271,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--optimizers", type=_name_list, help="comma-separated (default sgd,sam,msam)")
     compare.add_argument(
+        "--micro-batch-sizes",
+        type=_int_list,
+        metavar="M,M,...",
+        help="the m-sharpness sweep: one method msam-m<m> per size m (mSAM with micro-batches of m examples; m = "
+        "the batch is SAM), added to --optimizers (default then: sgd)",
+    )
+    compare.add_argument(
         "--seeds", type=_seeds, default=None, help="a count (3) or a list (0,1,2; one seed: 5,); default 3"
     )
     compare.add_argument("--out", type=Path, default=Path("runs/compare"), metavar="DIR")
@@ -352,7 +372,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from samkit.experiments.compare import DEFAULT_BASE, DEFAULT_OPTIMIZERS, DEFAULT_SEEDS, compare, describe_job
+    from samkit.experiments.compare import (
+        DEFAULT_BASE,
+        DEFAULT_OPTIMIZERS,
+        DEFAULT_SEEDS,
+        compare,
+        describe_job,
+        micro_batch_sweep,
+    )
 
     given = _given_fields(args)
     # no training option at all: the README's job; any training option: start from `samkit train`'s defaults,
@@ -366,10 +393,14 @@ def _run_compare(args: argparse.Namespace) -> int:
             f"40 % label noise): {describe_job(base)}",
             flush=True,
         )
+    optimizers = args.optimizers or DEFAULT_OPTIMIZERS
+    if args.micro_batch_sizes is not None:
+        with checking():  # a size that does not divide the batch is bad input
+            optimizers = [*(args.optimizers or ["sgd"]), *micro_batch_sweep(args.micro_batch_sizes)]
     result = compare(
         base,
         args.out,
-        optimizers=args.optimizers or DEFAULT_OPTIMIZERS,
+        optimizers=optimizers,
         seeds=args.seeds or DEFAULT_SEEDS,
         lrs=args.lr,
         rhos=args.rho,

@@ -70,6 +70,8 @@ class TrainConfig:
     track_hessian: int = 0
     init_from: Optional[str] = None
     bootstrap_from: Optional[str] = None
+    subspace: Optional[str] = None  # "line": train a line of networks (samkit.experiments.subspace)
+    subspace_beta: Optional[float] = None  # the weight of its cos² term (default 1 with a subspace)
 
     @property
     def is_sam(self) -> bool:
@@ -128,6 +130,9 @@ class TrainConfig:
                 "the predictions of that run (its own label noise is recorded); drop --label-noise"
             )
 
+        from samkit.experiments.subspace import check_subspace
+
+        beta = check_subspace(self.subspace, self.subspace_beta, init_from=self.init_from)
         lr = DEFAULT_LR[self.base] if self.lr is None else self.lr
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {lr}")
@@ -155,7 +160,7 @@ class TrainConfig:
                     f"use --optimizer {self.base_optimizer} for plain {self.base_optimizer}"
                 )
             options = resolve_options(self.optimizer, self.options) if loss_method else None
-            return self.replace(lr=lr, micro_batches=1, options=options)
+            return self.replace(lr=lr, micro_batches=1, options=options, subspace_beta=beta)
 
         rho = DEFAULT_RHO[self.optimizer] if self.rho is None else self.rho
         if not (math.isfinite(rho) and rho > 0):
@@ -177,7 +182,7 @@ class TrainConfig:
             )
         else:
             micro_batches = 1
-        return self.replace(lr=lr, rho=rho, micro_batches=micro_batches, options=options)
+        return self.replace(lr=lr, rho=rho, micro_batches=micro_batches, options=options, subspace_beta=beta)
 
 
 def _check_choice(name: str, value: Any, choices) -> None:

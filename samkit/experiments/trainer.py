@@ -266,6 +266,10 @@ class _Training:
                 )
             _, fresh = load_matching_weights(model, source.checkpoint["model"])
             self._say(f"init from {source.path}: kept fresh {fresh if fresh else 'nothing'}")
+        if self.config.subspace is not None:  # a line of networks: this model is its first endpoint
+            from samkit.experiments.subspace import build_line
+
+            model = build_line(model, lambda: build_model(self.config.model, **data.model_shape), self.config.seed)
         return model.to(self.device)
 
     # ---------------------------------------------------------------------------------------------------- state
@@ -456,6 +460,11 @@ class _Training:
             leave=False,
             dynamic_ncols=True,
         )
+        line = None
+        if config.subspace is not None:
+            from samkit.experiments.subspace import LineTraining
+
+            line = LineTraining(model, seed=config.seed, epoch=self.epoch, beta=config.subspace_beta)
         started = time.perf_counter()
         for batch in bar:
             indices = order[batch * config.batch_size : (batch + 1) * config.batch_size]
@@ -471,6 +480,8 @@ class _Training:
             step_loss = loss_fn
             if self.term is not None:
                 step_loss = self.term.loss_fn(x, context.shard(indices).to(self.device), self.epoch)
+            if line is not None:
+                step_loss = line.step_loss(step_loss)  # draws this batch's point of the line
             self.lr = set_learning_rate(optimizer, self.step, total_steps, config.schedule)
             try:
                 loss = train_step(config, optimizer, model, step_loss, x, targets, scaler=scaler)
@@ -577,6 +588,12 @@ class _Training:
             "device": str(self.device),
             "torch": torch.__version__,
         }
+        if config.subspace is not None and self.context.is_main:
+            from samkit.experiments.subspace import evaluate_line
+
+            summary["subspace"] = evaluate_line(
+                model, dataset.x_train, dataset.x_test, dataset.y_test, batch_size=config.batch_size, device=self.device
+            )
         if self.context.is_main and self.plot:
             title = f"{config.optimizer} on {config.data} ({config.model}), seed {config.seed}"
             if self.metrics:
