@@ -54,6 +54,13 @@ def _threads(text: str) -> int:
     return count
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas (e.g. 4,8,16), got {text!r}") from None
+
+
 def _name_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -229,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--optimizers", type=_name_list, help="comma-separated (default sgd,sam,msam)")
     compare.add_argument(
+        "--micro-batch-sizes",
+        type=_int_list,
+        metavar="M,M,...",
+        help="the m-sharpness sweep: one method msam-m<m> per size m (mSAM with micro-batches of m examples; m = "
+        "the batch is SAM), added to --optimizers (default then: sgd)",
+    )
+    compare.add_argument(
         "--seeds", type=_seeds, default=None, help="a count (3) or a list (0,1,2; one seed: 5,); default 3"
     )
     compare.add_argument("--out", type=Path, default=Path("runs/compare"), metavar="DIR")
@@ -301,7 +315,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from samkit.experiments.compare import DEFAULT_BASE, DEFAULT_OPTIMIZERS, DEFAULT_SEEDS, compare, describe_job
+    from samkit.experiments.compare import (
+        DEFAULT_BASE,
+        DEFAULT_OPTIMIZERS,
+        DEFAULT_SEEDS,
+        compare,
+        describe_job,
+        micro_batch_sweep,
+    )
 
     given = _given_fields(args, "compare")
     # no training option at all: the README's job; any training option: start from `samkit train`'s defaults,
@@ -315,10 +336,14 @@ def _run_compare(args: argparse.Namespace) -> int:
             f"40 % label noise): {describe_job(base)}",
             flush=True,
         )
+    optimizers = args.optimizers or DEFAULT_OPTIMIZERS
+    if args.micro_batch_sizes is not None:
+        with checking():  # a size that does not divide the batch is bad input
+            optimizers = [*(args.optimizers or ["sgd"]), *micro_batch_sweep(args.micro_batch_sizes)]
     result = compare(
         base,
         args.out,
-        optimizers=args.optimizers or DEFAULT_OPTIMIZERS,
+        optimizers=optimizers,
         seeds=args.seeds or DEFAULT_SEEDS,
         lrs=args.lr,
         rhos=args.rho,

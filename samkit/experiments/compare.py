@@ -1,7 +1,8 @@
 """``compare``: train a grid of methods x (lr, rho, own options) x seeds, select on validation, report test error
 and cost.
 
-    for spec in optimizers:                   a name, or name:option=value[:option=v1|v2...] (a grid over v1, v2)
+    for spec in optimizers:                   a name, or name:option=value[:option=v1|v2...] (a grid over v1, v2);
+                                              msam-m<m>: mSAM with micro-batches of m examples (m = batch: SAM)
         for lr in lrs, rho in rhos, option values, seed in seeds:      rho grid only for the SAM family
             train(config) -> OUT/runs/<name>[_<option><value>]_lr<lr>_rho<rho>_seed<seed>/   (finished runs reused)
     per spec: the (lr, rho, options) with the best mean validation accuracy (compare_report.select_settings)
@@ -20,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +88,24 @@ class MethodSpec:
     name: str
     fixed: dict
     grid: dict  # option -> list of values (strings, parsed by the method's registry entry)
+    micro_batch_size: Optional[int] = None  # msam-m<m>: mSAM with micro-batches of m examples (m = batch: SAM)
+
+
+# msam-m16: mSAM whose micro-batches hold 16 examples each, i.e. batch_size / 16 micro-batches (the m of
+# m-sharpness, Foret et al. 2021 §4.2); the run is SAM itself when m is the whole batch
+MICRO_BATCH_METHOD = re.compile(r"msam-m(\d+)")
+
+
+def micro_batch_sweep(sizes: Sequence[int]) -> list[str]:
+    """``--micro-batch-sizes 4,8`` -> ["msam-m4", "msam-m8"], one method of the grid per micro-batch size m."""
+    if not sizes:
+        raise ValueError("--micro-batch-sizes needs at least one size, e.g. 4,8,16,32,64,128")
+    bad = [m for m in sizes if isinstance(m, bool) or not isinstance(m, int) or m < 1]
+    if bad:
+        raise ValueError(f"micro-batch sizes must be integers >= 1, got {bad[0]!r} (e.g. 4,8,16,32,64,128)")
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"--micro-batch-sizes lists a size twice: {list(sizes)}")
+    return [f"msam-m{m}" for m in sizes]
 
 
 def parse_spec(text: str) -> MethodSpec:
@@ -93,6 +113,12 @@ def parse_spec(text: str) -> MethodSpec:
 
     ``rho`` may be named too (``asam:rho=0.2|0.5|1``): that spec's own rho grid, in place of --rho."""
     name, *parts = [part.strip() for part in text.split(":")]
+    sized = MICRO_BATCH_METHOD.fullmatch(name)
+    micro_batch_size = int(sized.group(1)) if sized else None
+    if sized:
+        name = "msam"
+        if micro_batch_size < 1:
+            raise ValueError(f"{text!r}: the micro-batch size m must be >= 1 (msam-m4 is mSAM with 4 examples each)")
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r} in {text!r}; valid: {', '.join(OPTIMIZERS)}")
     fixed, choices = {}, {}
@@ -107,7 +133,25 @@ def parse_spec(text: str) -> MethodSpec:
         (choices.__setitem__(key, values) if len(values) > 1 else fixed.__setitem__(key, values[0]))
     if (fixed or choices) and name not in METHODS:
         raise ValueError(f"{text!r}: {name} has no options; options belong to a method of samkit.experiments.methods")
-    return MethodSpec(text, name, fixed, choices)
+    return MethodSpec(text, name, fixed, choices, micro_batch_size)
+
+
+def _method_and_micro_batches(spec: MethodSpec, base: TrainConfig) -> tuple[str, Optional[int]]:
+    """The optimizer and micro-batch count a spec trains with: msam-m<m> splits the batch into batch / m."""
+    m = spec.micro_batch_size
+    if m is None:
+        return spec.name, base.micro_batches if spec.name == "msam" else None
+    if base.batch_size % m:
+        raise ValueError(
+            f"{spec.text!r}: the batch of {base.batch_size} does not split into micro-batches of m={m} examples; "
+            f"pick an m that divides --batch-size (e.g. {', '.join(str(d) for d in _divisors(base.batch_size))})"
+        )
+    count = base.batch_size // m
+    return ("sam", None) if count == 1 else ("msam", count)  # one micro-batch of the whole batch is SAM
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def grid(
@@ -145,7 +189,7 @@ def grid_by_spec(
             if spec.name not in SAM_OPTIMIZERS:
                 raise ValueError(f"{spec.text!r}: {spec.name} has no rho")
             rho_grid = [float(value) for value in own_rho]
-        micro_batches = base.micro_batches if spec.name == "msam" else None
+        method, micro_batches = _method_and_micro_batches(spec, base)
         keys = [key for key in spec.grid if key != "rho"]
         for lr in list(lrs) if lrs else [base.lr]:
             for rho in rho_grid:
@@ -154,7 +198,7 @@ def grid_by_spec(
                     options = {**fixed, **dict(zip(keys, values))} or None
                     for seed in seeds:
                         changes = dict(
-                            optimizer=spec.name, lr=lr, rho=rho, seed=seed, micro_batches=micro_batches, options=options
+                            optimizer=method, lr=lr, rho=rho, seed=seed, micro_batches=micro_batches, options=options
                         )
                         configs.append((spec, base.replace(**changes).resolved()))
     settings = {(spec.text, c.lr, c.rho, _options_text(spec, c)) for spec, c in configs}
@@ -180,7 +224,8 @@ def run_name(config: TrainConfig, spec: Optional[MethodSpec] = None) -> str:
     named = [] if spec is None else [k for k in (*spec.fixed, *spec.grid) if k != "rho"]
     options = "".join(f"_{k}{_format_value(config.options[k])}" for k in named)
     rho = "" if config.rho is None else f"_rho{config.rho:g}"
-    return f"{config.optimizer}{options}_lr{config.lr:g}{rho}_seed{config.seed}"
+    head = config.optimizer if spec is None or spec.micro_batch_size is None else f"msam-m{spec.micro_batch_size}"
+    return f"{head}{options}_lr{config.lr:g}{rho}_seed{config.seed}"
 
 
 def _row(config: TrainConfig, summary: dict[str, Any], name: str, spec: MethodSpec, reused: bool) -> dict[str, Any]:

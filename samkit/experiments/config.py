@@ -161,6 +161,17 @@ class TrainConfig:
         None, "train on the labels RUN predicts (bootstrap)", metavar="RUN", commands=TRAIN, show_default=False,
         summary=True,
     )
+    # "line": train a line of networks (samkit.experiments.subspace)
+    subspace: Optional[str] = option(
+        None,
+        "train a line of networks: w(α) = (1 − α) w1 + α w2, α ~ U[0, 1] a batch",
+        choices=("line",),
+        show_default=False,
+    )
+    # the weight of its cos² term (default 1 with a subspace)
+    subspace_beta: Optional[float] = option(
+        None, "weight of the line's cos²(w1, w2) (1)", type=float, metavar="BETA", show_default=False
+    )
 
     @property
     def is_sam(self) -> bool:
@@ -223,6 +234,9 @@ class TrainConfig:
                 "the predictions of that run (its own label noise is recorded); drop --label-noise"
             )
 
+        from samkit.experiments.subspace import check_subspace
+
+        beta = check_subspace(self.subspace, self.subspace_beta, init_from=self.init_from)
         lr = DEFAULT_LR[self.base] if self.lr is None else self.lr
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {lr}")
@@ -250,7 +264,7 @@ class TrainConfig:
                     f"use --optimizer {self.base_optimizer} for plain {self.base_optimizer}"
                 )
             options = resolve_options(self.optimizer, self.options) if loss_method else None
-            return self.replace(lr=lr, micro_batches=1, options=options)
+            return self.replace(lr=lr, micro_batches=1, options=options, subspace_beta=beta)
 
         rho = DEFAULT_RHO[self.optimizer] if self.rho is None else self.rho
         if not (math.isfinite(rho) and rho > 0):
@@ -272,7 +286,7 @@ class TrainConfig:
             )
         else:
             micro_batches = 1
-        return self.replace(lr=lr, rho=rho, micro_batches=micro_batches, options=options)
+        return self.replace(lr=lr, rho=rho, micro_batches=micro_batches, options=options, subspace_beta=beta)
 
 
 def _check_choice(name: str, value: Any, choices) -> None:

@@ -47,6 +47,10 @@ class SavedRun:
         from samkit.models import build_model
 
         model = build_model(self.config.model, **self.model_shape)
+        if self.config.subspace is not None:  # a line of networks: evaluated at its midpoint
+            from samkit.models.subspace import LineModel
+
+            model = LineModel(model, build_model(self.config.model, **self.model_shape))
         model.load_state_dict(self.checkpoint["model"])
         return model.to(device).eval()
 

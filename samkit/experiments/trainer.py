@@ -217,10 +217,17 @@ def _train_epoch(state: TrainingState, model: nn.Module, optimizer, scaler, data
         leave=False,
         dynamic_ncols=True,
     )
+    line = None
+    if config.subspace is not None:
+        from samkit.experiments.subspace import LineTraining
+
+        line = LineTraining(model, seed=config.seed, epoch=state.epoch, beta=config.subspace_beta)
     started = time.perf_counter()
     for batch in bar:
         x, targets, indices = batches.batch(batch)
         step_loss = loss_fn if state.term is None else state.term.loss_fn(x, indices, state.epoch)
+        if line is not None:
+            step_loss = line.step_loss(step_loss)  # draws this batch's point of the line
         state.lr = set_learning_rate(optimizer, state.step, total_steps, config.schedule)
         try:
             loss = train_step(config, optimizer, model, step_loss, x, targets, scaler=scaler)

@@ -108,4 +108,8 @@ def build_model(state: TrainingState, data: RunData) -> nn.Module:
             )
         _, fresh = load_matching_weights(model, source.checkpoint["model"])
         state.say(f"init from {source.path}: kept fresh {fresh if fresh else 'nothing'}")
+    if config.subspace is not None:  # a line of networks: this model is its first endpoint
+        from samkit.experiments.subspace import build_line
+
+        model = build_line(model, lambda: build_named_model(config.model, **data.model_shape), config.seed)
     return model.to(state.device)

@@ -73,6 +73,12 @@ def finish(state: TrainingState, model: nn.Module, data: RunData, optimizer) -> 
         "device": str(state.device),
         "torch": torch.__version__,
     }
+    if config.subspace is not None and state.context.is_main:
+        from samkit.experiments.subspace import evaluate_line
+
+        summary["subspace"] = evaluate_line(
+            model, dataset.x_train, dataset.x_test, dataset.y_test, batch_size=config.batch_size, device=state.device
+        )
     if state.context.is_main and state.plot:
         _plot(state)
     if state.context.is_main:
