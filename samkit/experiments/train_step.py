@@ -9,7 +9,8 @@ or fp16 with a GradScaler), the gradients are unscaled once, checked, and the fi
 clipped when --max-grad-norm is set, then the base optimizer steps.
 
 The divergence rule, the same for every method: a step whose loss or any gradient is inf or NaN raises
-``Diverged`` before it writes the weights (they stay as they were), and the trainer ends the run as diverged.
+``Diverged``, and the trainer ends the run as diverged. A non-finite gradient is caught before the step writes the
+weights (they stay as they were), by ``samkit.step``'s check in both paths.
 Under fp16 a GradScaler handles such a step instead: it skips the step and lowers the scale, as usual.
 """
 
