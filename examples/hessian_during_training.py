@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,17 @@ def final_ratios(runs: dict[int, dict[str, list[dict]]]) -> dict[int, float]:
                              "finish both runs (rerun the script: it resumes them)")
         ratios[seed] = sgd["lambda_max"] / sam["lambda_max"]
     return ratios
+
+
+def ratios_by_epoch(runs: dict[int, dict[str, list[dict]]]) -> dict[int, list[float]]:
+    """λmax(SGD) / λmax(SAM) at every epoch tracked in both runs of every seed, one value per seed (seed order)."""
+    per_seed = []
+    for by_method in runs.values():
+        sam = {row["epoch"]: row["lambda_max"] for row in by_method["sam"]}
+        per_seed.append({row["epoch"]: row["lambda_max"] / sam[row["epoch"]]
+                         for row in by_method["sgd"] if row["epoch"] in sam})
+    common = sorted(set.intersection(*(set(ratios) for ratios in per_seed))) if per_seed else []
+    return {epoch: [ratios[epoch] for ratios in per_seed] for epoch in common}
 
 
 def ratio_summary(ratios: dict[int, float]) -> MeanCI:
@@ -149,11 +161,18 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"| {row_sgd['epoch']} | {row_sgd['lambda_max']:.3g} | {row_sgd['lambda_ratio']:.3g} | "
                          f"{row_sam['lambda_max']:.3g} | {row_sam['lambda_ratio']:.3g} |")
         lines.append("")
-    lines += [f"At the last epoch, λmax(SGD) / λmax(SAM) (SAM rho {args.rho}):", "",
-              "| seed | SGD λmax | SAM λmax | ratio |", "|---|---|---|---|"]
+    lines += [f"λmax(SGD) / λmax(SAM) at each tracked epoch (SAM rho {args.rho}), per seed and the mean:", "",
+              "| epoch | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean |",
+              "|---|" + "---|" * (len(seeds) + 1)]
+    for epoch, values in ratios_by_epoch(by_seed).items():
+        lines.append(f"| {epoch} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {mean_ci(values).format()} |")
+    lines += ["", f"At the last epoch, λmax(SGD) / λmax(SAM) (SAM rho {args.rho}):", "",
+              "| seed | SGD λmax | SAM λmax | ratio | SGD train loss (epoch mean) | SAM train loss (epoch mean) |",
+              "|---|---|---|---|---|---|"]
     for seed in seeds:
         sgd, sam = by_seed[seed]["sgd"][-1], by_seed[seed]["sam"][-1]
-        lines.append(f"| {seed} | {sgd['lambda_max']:.3g} | {sam['lambda_max']:.3g} | {ratios[seed]:.2f} |")
+        lines.append(f"| {seed} | {sgd['lambda_max']:.3g} | {sam['lambda_max']:.3g} | {ratios[seed]:.2f} | "
+                     f"{sgd.get('train_loss', math.nan):.2g} | {sam.get('train_loss', math.nan):.2g} |")
     summary = ratio_summary(ratios)
     lines += ["", f"Mean of the per-seed ratios: {summary.format()} (95 % Student-t interval over {summary.n} "
               "seeds)" if summary.n > 1 else f"Ratio: {summary.mean:.2f} (one seed)"]

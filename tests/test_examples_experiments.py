@@ -99,3 +99,12 @@ def test_final_ratios_refuse_runs_that_end_at_different_epochs():
     runs = {3: {"sgd": [_tracked(10, 9.0), _tracked(20, 3.0)], "sam": [_tracked(10, 1.0)]}}
     with pytest.raises(ValueError, match="seed 3: SGD's last tracked epoch is 20, SAM's 10"):
         hessian["final_ratios"](runs)
+
+
+def test_ratios_by_epoch_pair_the_epochs_every_seed_tracked():
+    runs = {
+        0: {"sgd": [_tracked(10, 9.0), _tracked(20, 3.0)], "sam": [_tracked(10, 3.0), _tracked(20, 1.5)]},
+        1: {"sgd": [_tracked(10, 4.0), _tracked(20, 1.0), _tracked(25, 1.0)],
+            "sam": [_tracked(10, 8.0), _tracked(20, 4.0), _tracked(25, 2.0)]},
+    }
+    assert hessian["ratios_by_epoch"](runs) == {10: [3.0, 0.5], 20: [2.0, 0.25]}
