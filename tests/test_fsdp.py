@@ -122,6 +122,20 @@ def _two_step_case(options: dict, foreach: bool, per_layer: bool, x, y) -> torch
     return _full(model)
 
 
+def _grouped(model: torch.nn.Module) -> list[dict]:
+    """Two parameter groups with their own rho: the recorded ε̂ norm combines the groups' own norms."""
+    params = list(model.parameters())
+    return [{"params": params[::2]}, {"params": params[1::2], "rho": 0.02}]
+
+
+def _stats_case(options: dict, grouped: bool, x, y) -> torch.Tensor:
+    model = _sharded(mlp())
+    opt = SAM(_grouped(model) if grouped else model.parameters(), torch.optim.SGD, **options, **SGD)
+    _two_step(model, opt, x, y)
+    stats = opt.last_step_stats
+    return torch.tensor([stats.grad_norm, stats.eps_norm], dtype=torch.float64)
+
+
 def _sam_step_case(name: str, k: int, x, y) -> torch.Tensor:
     model = _sharded(family_model())
     opt = FAMILY[name](model)
@@ -175,6 +189,11 @@ def _cases(rank: int) -> dict:
         for foreach in (True, False):
             results[f"two-step-{name}-{foreach}"] = _attempt(
                 lambda: _two_step_case(options, foreach, name == "sam", x[half], y[half])  # noqa: B023
+            )
+    for name, options in TWO_STEP.items():
+        for grouped in (False, True):
+            results[f"stats-{name}-{grouped}"] = _attempt(
+                lambda: _stats_case(options, grouped, x[half], y[half])  # noqa: B023
             )
     for name in SAM_STEP:
         for k in MICRO_BATCHES.get(name, (1,)):
@@ -265,6 +284,24 @@ def test_two_step_api_equals_one_process_with_both_ascent_paths(ranks):
                 assert torch.equal(ranks[0][key], ranks[1][key]), key
                 assert (ranks[0][key] - _plain(model)).abs().max().item() <= TOLERANCE, key
                 assert (ranks[0][key] - _plain(mlp())).abs().max().item() > 1e-3, key  # and it trained
+
+
+def test_the_step_stats_are_the_whole_gradients_and_the_whole_epsilons(ranks):
+    """last_step_stats under FSDP2: ||g|| and ||ε̂|| of the whole tensors (reduced over the shards), equal to one
+    process's, with one or two parameter groups, for p = 2, adaptive, p = inf and p = 3."""
+    x, y = batch(n=24)
+    with _one_thread():
+        for name, options in TWO_STEP.items():
+            for grouped in (False, True):
+                model = mlp()
+                opt = SAM(_grouped(model) if grouped else model.parameters(), torch.optim.SGD, **options, **SGD)
+                _two_step(model, opt, x, y)
+                stats = opt.last_step_stats
+                expected = torch.tensor([stats.grad_norm, stats.eps_norm], dtype=torch.float64)
+                key = f"stats-{name}-{grouped}"
+                assert isinstance(ranks[0][key], torch.Tensor), ranks[0][key]  # else the error it raised
+                assert torch.equal(ranks[0][key], ranks[1][key]), key
+                assert torch.allclose(ranks[0][key], expected, rtol=1e-10, atol=0), (key, ranks[0][key], expected)
 
 
 def test_sam_step_equals_one_process_for_every_member_fsdp2_can_run(ranks):

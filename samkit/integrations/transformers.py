@@ -210,6 +210,8 @@ class _TrainerStep(WindowStep):
         except BaseException:
             optimizer.cancel_step()  # never leave the weights at w + ε̂
             raise
+        # the window's losses, for the step's diagnostics (last_step_stats) when _SAMStep.step finishes it
+        cast(_SAMStep, _unwrapped(self.trainer.optimizer)).losses = (self.loss, self.perturbed_loss)
         if not finite:  # fp16 overflow in a clean pass: the GradScaler must see it and skip the step
             optimizer.cancel_step()
             for t in self.trainable:
@@ -248,6 +250,7 @@ class _SAMStep(torch.optim.Optimizer):
     def __init__(self, sam: SAM, max_grad_norm: Optional[float]) -> None:
         self.sam = sam
         self.max_grad_norm = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else None
+        self.losses: tuple[Optional[Tensor], Optional[Tensor]] = (None, None)  # set by the passes, read by step()
         # what torch.optim.Optimizer.__init__ would set (this wrapper has no groups of its own to give it)
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -288,7 +291,8 @@ class _SAMStep(torch.optim.Optimizer):
             raise RuntimeError(
                 "step() without the passes of SAMTrainer.training_step: the SAM step runs inside SAMTrainer's loop"
             )
-        sam.second_step(max_grad_norm=self.max_grad_norm)
+        (loss, perturbed_loss), self.losses = self.losses, (None, None)
+        sam.second_step(max_grad_norm=self.max_grad_norm, loss=loss, perturbed_loss=perturbed_loss)
         sam.eval()  # Momentum-SAM: back to w for evaluation and checkpoints
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from samkit.batchnorm import frozen_running_stats
-from samkit.optim.sam import SAM
+from samkit.optim.sam import SAM, finite_by_norms, first_non_finite
 from samkit.step.common import Precision, replica_mean
 
 PERTURBATIONS = ("shared", "per_micro_batch")
@@ -218,9 +218,9 @@ class WindowStep:
     def _finite(self, grads: list) -> bool:
         """Whether every gradient is finite (agreed over DDP replicas under a GradScaler, so that all skip alike)."""
         present = [g for g in grads if g is not None]
-        finite = torch.ones((), dtype=torch.bool, device=self.trainable[0].device)
-        if present:
-            finite = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(present)])).all()
+        finite = finite_by_norms(present)  # fp16 / bf16 summed in float32: a large finite gradient is finite
+        if finite is None or (not bool(finite) and first_non_finite(present) is None):
+            finite = torch.ones((), dtype=torch.bool, device=self.trainable[0].device)
         if self.precision.scaler is None:
             if not bool(finite):
                 raise FloatingPointError(self.non_finite_message())

@@ -232,11 +232,16 @@ def _lowered(
     """ε̂ computed in float32, rounded once to the gradients' dtype (into ``out`` when given)."""
     if out is None:
         return [e.to(g.dtype) for e, g in zip(epsilons, grads)]
+    return _copied_into(out, epsilons, foreach)
+
+
+def _copied_into(out: list[Tensor], values: Sequence[Tensor], foreach: bool) -> list[Tensor]:
+    """``out`` after copying ``values`` into it (cast to each out's dtype)."""
     if foreach:
-        torch._foreach_copy_(out, epsilons)
+        torch._foreach_copy_(out, list(values))
     else:
-        for o, e in zip(out, epsilons):
-            o.copy_(e)
+        for o, v in zip(out, values):
+            o.copy_(v)
     return out
 
 
@@ -292,12 +297,7 @@ def _epsilon(
     eps_hat = _epsilon_values(group, scaled, p, q, t, factor, foreach)
     if out is None:
         return eps_hat
-    if foreach:
-        torch._foreach_copy_(out, eps_hat)
-    else:
-        for o, e in zip(out, eps_hat):
-            o.copy_(e)
-    return out
+    return _copied_into(out, eps_hat, foreach)
 
 
 def _epsilon_values(group, scaled, p, q, t, factor, foreach) -> list[Tensor]:

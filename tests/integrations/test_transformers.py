@@ -467,3 +467,17 @@ def test_an_overflow_skips_the_step_and_the_scheduler(where, tmp_path):
     assert not trainer.sam_optimizer.perturbed and not trainer.sam_optimizer._step.decided
     assert scaler.get_scale() == 2.0**7
     assert trainer.lr_scheduler.last_epoch == 0
+
+
+def test_the_step_diagnostics_equal_sam_steps(tmp_path):
+    """last_step_stats after a SAMTrainer step holds the clean and perturbed losses and the ascent's norms, equal to
+    those of sam_step on the same batch (float64, to 1e-12)."""
+    trainer = train("net", tmp_path, max_steps=2)
+    net, optimizer = reference("net", 2)
+    ours, theirs = trainer.sam_optimizer.last_step_stats, optimizer.last_step_stats
+    assert ours is not None and theirs is not None and ours.sam and theirs.sam
+    for field in ("loss", "perturbed_loss", "loss_rise", "grad_norm", "eps_norm", "lr"):
+        mine, expected = getattr(ours, field), getattr(theirs, field)
+        assert mine is not None and expected is not None, field
+        assert abs(mine - expected) <= 1e-12 * max(1.0, abs(expected)), (field, mine, expected)
+    assert ours.loss_rise == ours.perturbed_loss - ours.loss
