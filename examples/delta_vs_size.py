@@ -5,7 +5,7 @@ per folder and method, takes the runs compare selected (the ``selected`` column:
 the only one run), then
 
     Δ = test error − SGD's test error, paired by seed (seeds where both runs are ok), mean ± 95 % Student-t
-        half-width over the seeds (samkit.experiments.report.paired_difference)
+        half-width over the seeds (samkit.experiments.compare_report.paired_difference)
 
 and draws Δ (percentage points) against N = --subset, with the intervals as error bars.
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from samkit.experiments.report import paired_difference
-from samkit.experiments.stats import MeanCI, mean_ci
+from samkit.experiments.compare_report import paired_difference
+from samkit.experiments.intervals import MeanCI, mean_ci
 
 BASELINE = "sgd"
 LABELS = {"sgd": "SGD", "sam": "SAM", "msam": "mSAM", "asam": "ASAM"}

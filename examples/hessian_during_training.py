@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samkit.experiments.stats import MeanCI, mean_ci
+from samkit.experiments.intervals import MeanCI, mean_ci
 
 METHODS = ("sgd", "sam")
 

@@ -25,7 +25,7 @@ ALPHAS = ("0", "0.25", "0.5", "0.75", "1")
 
 
 def t_interval(values: list[float]) -> tuple[float, float]:
-    from samkit.experiments.stats import t_quantile
+    from samkit.experiments.intervals import t_quantile
 
     array = np.asarray(values, dtype=float)
     if array.size < 2:

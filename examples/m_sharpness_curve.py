@@ -44,7 +44,7 @@ TRAIN_MODE_CACHE = "m_sharpness_train_mode.json"
 
 def t_interval(values: list[float]) -> tuple[float, float]:
     """(mean, half-width of the 95 % Student-t interval); half-width nan for a single value."""
-    from samkit.experiments.stats import t_quantile
+    from samkit.experiments.intervals import t_quantile
 
     array = np.asarray(values, dtype=float)
     if array.size == 0:
@@ -90,8 +90,8 @@ def measure(
     import torch
 
     from samkit.experiments.inputs import load_run_data
-    from samkit.experiments.runs import open_run
-    from samkit.experiments.steps import make_loss_fn
+    from samkit.experiments.saved_runs import open_run
+    from samkit.experiments.train_step import make_loss_fn
     from samkit.sharpness import m_sharpness
 
     saved = open_run(run)

@@ -59,7 +59,7 @@ def stress_accuracies(run: Path, severity: int) -> dict[str, float]:
     if cache.exists():
         return json.loads(cache.read_text())
     from samkit.data import CORRUPTIONS
-    from samkit.experiments.evaluate import evaluate_run
+    from samkit.experiments.evaluate_run import evaluate_run
 
     result = evaluate_run(run, corruptions=list(CORRUPTIONS), severities=(severity,))
     accuracies = {"clean": result["test_accuracy"]}

@@ -16,52 +16,18 @@ that could not be written (the message says which, and what is safe), or an inte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from samkit.experiments.config import (
-    AMP_DTYPES,
-    BASE_OPTIMIZERS,
-    DEFAULT_LR,
-    DEFAULT_MICRO_BATCHES,
-    DEFAULT_RHO,
-    OPTIMIZERS,
-    SCHEDULES,
-    TrainConfig,
-)
+from samkit.experiments.config import BOTH, TrainConfig
 from samkit.experiments.distributed import DEVICES, is_main_process
 from samkit.experiments.errors import OutputError, UsageError, checking
 from samkit.experiments.methods import options_help
 from samkit.experiments.recipes import add_recipe_arguments, build_config, recipe_banner, recipes_epilog
 from samkit.experiments.step_log import DEFAULT_EVERY
-
-# TrainConfig fields set by the shared training options, with the type each value is parsed to
-_FIELDS: dict[str, Callable[[str], Any]] = {
-    "data": str,
-    "model": str,
-    "epochs": int,
-    "momentum": float,
-    "weight_decay": float,
-    "batch_size": int,
-    "schedule": str,
-    "micro_batches": int,
-    "base_optimizer": str,
-    "label_smoothing": float,
-    "mixup": float,
-    "label_noise": float,
-    "augment": str,
-    "subset": int,
-    "val_fraction": float,
-    "data_seed": int,
-    "data_dir": str,
-    "max_grad_norm": float,
-    "amp": str,
-    "track_hessian": int,
-    "subspace": str,
-    "subspace_beta": float,
-}
 
 
 def _float_list(text: str) -> list[float]:
@@ -115,75 +81,51 @@ def _seeds(text: str) -> list[int]:
     return list(range(count))
 
 
-def _default(name: str, text: str = "") -> str:
-    """``text`` plus the TrainConfig default of field ``name``, so --help shows what an omitted option means."""
-    value = getattr(TrainConfig(), name)
-    shown = "none" if value is None else value
-    return f"{text} (default {shown})" if text else f"default {shown}"
+def _config_flags(command: str, *, shared: bool) -> list[tuple[dataclasses.Field, dict]]:
+    """The TrainConfig fields whose flag ``command`` offers (``shared``: the training options both commands have;
+    else those of ``train`` alone), with their declarations (``samkit.experiments.config.option``)."""
+    found = []
+    for field in dataclasses.fields(TrainConfig):
+        cli = field.metadata.get("cli")
+        if cli is None or command not in cli["commands"] or (cli["commands"] == BOTH) != shared:
+            continue
+        found.append((field, cli))
+    return found
 
 
-def _add_training_options(parser: argparse.ArgumentParser) -> None:
+def _flag(field: dataclasses.Field, cli: dict) -> str:
+    return cli["flag"] or "--" + field.name.replace("_", "-")
+
+
+def _help(field: dataclasses.Field, cli: dict) -> Optional[str]:
+    """The declared help, plus the TrainConfig default, so --help shows what an omitted option means."""
+    if not cli["show_default"]:
+        return cli["help"]
+    shown = "none" if field.default is None else field.default
+    return f"{cli['help']} (default {shown})" if cli["help"] else f"default {shown}"
+
+
+def _add_config_arguments(parser, command: str, *, shared: bool) -> None:
+    """One argparse option per TrainConfig field that ``command`` offers, as the field declares it."""
+    for field, cli in _config_flags(command, shared=shared):
+        if cli["by_hand"]:
+            continue
+        kwargs: dict[str, Any] = dict(dest=field.name, help=_help(field, cli))
+        if cli["grid"]:
+            kwargs["type"] = _float_list
+        elif cli["type"] is not None:
+            kwargs["type"] = cli["type"]
+        for key in ("choices", "metavar"):
+            if cli[key] is not None:
+                kwargs[key] = cli[key]
+        parser.add_argument(_flag(field, cli), **kwargs)
+
+
+def _add_training_options(parser: argparse.ArgumentParser, command: str) -> None:
     group = parser.add_argument_group(
         "training options (the defaults are `samkit train`'s; `samkit compare` with none of them runs its own job)"
     )
-    lr_default = ", ".join(f"{value:g} for {name}-based" for name, value in DEFAULT_LR.items())
-    rho_default = ", ".join(f"{value:g} for {name}" for name, value in DEFAULT_RHO.items())
-    group.add_argument(
-        "--data",
-        help=_default("data", "dataset: digits, fashion-mnist, synthetic, cifar10, cifar100, cifar100-coarse, or "
-                      "npz:PATH for your own arrays (docs/datasets.md)"),
-    )
-    group.add_argument(
-        "--model", help=_default("model", "model: mlp, cnn, cnn-bn, wrn-D-W[-nobn], resnetD, pyramidnet-D-A")
-    )
-    group.add_argument("--epochs", type=int, help=_default("epochs"))
-    group.add_argument(
-        "--lr", type=_float_list, help=f"learning rate (default {lr_default}; compare: a list, chosen on validation)"
-    )
-    group.add_argument(
-        "--rho", type=_float_list, help=f"SAM radius (default {rho_default}; compare: a list, chosen on validation)"
-    )
-    group.add_argument("--momentum", type=float, help=_default("momentum", "SGD momentum"))
-    group.add_argument("--weight-decay", type=float, help=_default("weight_decay", "in the base optimizer"))
-    group.add_argument(
-        "--batch-size", type=int, help=_default("batch_size", "the global batch (split over torchrun processes)")
-    )
-    group.add_argument("--schedule", choices=SCHEDULES, help=_default("schedule"))
-    group.add_argument(
-        "--micro-batches",
-        type=int,
-        help=f"mSAM: the NUMBER of micro-batches K per batch (default {DEFAULT_MICRO_BATCHES}; msam only)",
-    )
-    group.add_argument(
-        "--base-optimizer", choices=BASE_OPTIMIZERS, help=_default("base_optimizer", "the step SAM wraps")
-    )
-    group.add_argument("--label-smoothing", type=float, help=_default("label_smoothing"))
-    group.add_argument("--mixup", type=float, metavar="ALPHA", help=_default("mixup", "Beta(ALPHA, ALPHA) mixup"))
-    group.add_argument(
-        "--label-noise", type=float, metavar="RATE", help=_default("label_noise", "flip this fraction of train labels")
-    )
-    group.add_argument("--augment", help=_default("augment", "none, basic, cutout"))
-    group.add_argument(
-        "--subset", type=int, metavar="N", help="train on N examples of the training set (default all)"
-    )
-    group.add_argument(
-        "--val-fraction", type=float, help=_default("val_fraction", "hold out this fraction of training data")
-    )
-    group.add_argument("--data-seed", type=int, help=_default("data_seed", "seed of the split and the label noise"))
-    group.add_argument("--data-dir", help="where to look first for dataset files (fashion-mnist, cifar*)")
-    group.add_argument(
-        "--max-grad-norm", type=float, help=_default("max_grad_norm", "clip the step's gradient to this global norm")
-    )
-    group.add_argument(
-        "--amp", choices=tuple(AMP_DTYPES), help=_default("amp", "mixed precision: bf16, or fp16 with loss scaling")
-    )
-    group.add_argument(
-        "--track-hessian", type=int, metavar="N", help="record lambda_max every N epochs (default never)"
-    )
-    group.add_argument(
-        "--subspace", choices=("line",), help="train a line of networks: w(α) = (1 − α) w1 + α w2, α ~ U[0, 1] a batch"
-    )
-    group.add_argument("--subspace-beta", type=float, metavar="BETA", help="weight of the line's cos²(w1, w2) (1)")
+    _add_config_arguments(group, command, shared=True)
     group.add_argument("--device", choices=DEVICES, default="auto", help="default auto: cuda if available")
     group.add_argument(
         "--threads",
@@ -213,8 +155,21 @@ def _method_options(pairs: Optional[list[tuple[str, str]]]) -> Optional[dict[str
     return options
 
 
-def _given_fields(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in _FIELDS if getattr(args, name, None) is not None}
+def _given_fields(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The TrainConfig fields given on ``command``'s line (the grid fields lr and rho: one value each in ``train``,
+    left out for ``compare``, which takes them as lists); ``--option`` and ``--recipe`` are read by hand."""
+    given = {}
+    for shared in (False, True):
+        for field, cli in _config_flags(command, shared=shared):
+            value = getattr(args, field.name, None)
+            if cli["by_hand"] or value is None:
+                continue
+            if cli["grid"]:
+                if command != "train":
+                    continue
+                value = _single(value, _flag(field, cli))
+            given[field.name] = value
+    return given
 
 
 def _single(values: Optional[list[float]], option: str) -> Optional[float]:
@@ -236,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         + recipes_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("--optimizer", choices=OPTIMIZERS, help="default sgd, or the recipe's")
+    _add_config_arguments(train, "train", shared=False)  # --optimizer, --seed, --init-from, --bootstrap-from
     add_recipe_arguments(train)
     train.add_argument(
         "--option",
@@ -245,7 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="an option of the chosen method, e.g. --optimizer looksam --option k=5 (repeatable; listed below)",
     )
-    train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", required=True, type=Path, metavar="DIR")
     train.add_argument("--resume", action="store_true", help="continue the run in DIR from its checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace the run in DIR")
@@ -255,9 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="under torchrun: shard the model with FSDP2 instead of replicating it (DDP); the SAM family's "
         "perturbation then comes from the global batch (docs/fsdp.md)",
     )
-    train.add_argument("--init-from", metavar="RUN", help="start from a saved run's weights (new head if needed)")
-    train.add_argument("--bootstrap-from", metavar="RUN", help="train on the labels RUN predicts (bootstrap)")
-    _add_training_options(train)
+    _add_training_options(train, "train")
     diagnostics = train.add_argument_group("SAM step diagnostics (docs/diagnostics.md)")
     diagnostics.add_argument(
         "--step-stats-every",
@@ -303,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="after training, time each method's selected setting side by side in blocks of N steps for the "
         "report's time column (default 20; 0: the runs' own training times)",
     )
-    _add_training_options(compare)
+    _add_training_options(compare, "compare")
 
     evaluate = commands.add_parser("evaluate", help="test accuracy of a saved run, clean and under corruptions")
     evaluate.add_argument("run", metavar="RUN")
@@ -340,16 +292,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.resume and not args.overwrite:  # (both: the trainer says they contradict each other)
         require_run(args.out)  # never a new run in place of the one the user meant to continue
 
-    given = dict(
-        optimizer=args.optimizer,
-        seed=args.seed,
-        lr=_single(args.lr, "--lr"),
-        rho=_single(args.rho, "--rho"),
-        init_from=args.init_from,
-        bootstrap_from=args.bootstrap_from,
-        options=_method_options(args.option),
-        **_given_fields(args),
-    )
+    given = dict(_given_fields(args, "train"), options=_method_options(args.option))
     with checking():  # an unknown recipe or a bad resolved option is bad input
         config = build_config(args.recipe, given)
     if config.recipe and not args.quiet and is_main_process():
@@ -381,7 +324,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         micro_batch_sweep,
     )
 
-    given = _given_fields(args)
+    given = _given_fields(args, "compare")
     # no training option at all: the README's job; any training option: start from `samkit train`'s defaults,
     # so that nothing of the README job (its 40 % label noise, say) leaks silently into another comparison
     base = TrainConfig(**given) if given or args.lr or args.rho else DEFAULT_BASE
@@ -431,7 +374,7 @@ def _write_after_printing(write, what: str) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from samkit.experiments.evaluate import evaluate_run, format_evaluation, write_evaluation
+    from samkit.experiments.evaluate_run import evaluate_run, format_evaluation, write_evaluation
 
     corruptions = args.corruptions
     if corruptions == ["all"]:
@@ -491,7 +434,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
-    from samkit.experiments.trainer import WRITE_ERRNOS, TrainingInterrupted
+    from samkit.experiments.errors import WRITE_ERRNOS
+    from samkit.experiments.trainer import TrainingInterrupted
 
     def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
         print(f"samkit {args.command}: warning: {message}", file=sys.stderr)

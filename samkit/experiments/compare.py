@@ -5,7 +5,7 @@ and cost.
                                               msam-m<m>: mSAM with micro-batches of m examples (m = batch: SAM)
         for lr in lrs, rho in rhos, option values, seed in seeds:      rho grid only for the SAM family
             train(config) -> OUT/runs/<name>[_<option><value>]_lr<lr>_rho<rho>_seed<seed>/   (finished runs reused)
-    per spec: the (lr, rho, options) with the best mean validation accuracy (report.select_settings)
+    per spec: the (lr, rho, options) with the best mean validation accuracy (compare_report.select_settings)
     OUT/results.csv     one row per run (status ok / diverged / collapsed)
     OUT/report.md       test error mean ± 95 % CI, Δ vs SGD, excluded runs, the selection table
     OUT/test_error.png  bars with CIs;  OUT/curves.png  mean test error per epoch
@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from samkit.experiments import plots, report
+from samkit.experiments import compare_report, run_figures
 from samkit.experiments.config import OPTIMIZERS, SAM_OPTIMIZERS, TrainConfig
 from samkit.experiments.errors import checking
 from samkit.experiments.files import read_jsonl, write_text
 from samkit.experiments.methods import METHODS
+from samkit.experiments.run_status import OK
 from samkit.experiments.rundir import METRICS
-from samkit.experiments.status import OK
 from samkit.experiments.step_log import epoch_rows
 from samkit.experiments.trainer import train
 
@@ -264,7 +264,7 @@ def _mean_curves(out: Path, groups: dict[str, list[dict[str, Any]]]) -> dict[str
         runs = [[row["test_acc"] for row in epoch_rows(metrics)] for metrics in runs if metrics]
         if runs:
             epochs = min(len(r) for r in runs)
-            curves[report.label(optimizer)] = [
+            curves[compare_report.label(optimizer)] = [
                 100 * (1 - sum(r[e] for r in runs) / len(runs)) for e in range(epochs)
             ]
     return curves
@@ -289,7 +289,7 @@ def compare(
     (``samkit.experiments.timing``: blocks of that many steps, 5 interleaved rounds), for the report's time
     column; 0 reports the runs' own training seconds per step instead."""
     out = Path(out)
-    from samkit.experiments.trainer import check_names
+    from samkit.experiments.training.model_init import check_names
 
     with checking():  # bad input, before any training
         _check_time_steps(time_steps)
@@ -319,12 +319,12 @@ def compare(
             status = "" if summary["status"] == OK else f" [{summary['status']}: {summary['status_reason']}]"
             print(f"    test error {100 * error:.2f} %{status} ({summary['wall_seconds']:.1f} s)", flush=True)
 
-    chosen = report.select_settings(rows)
+    chosen = compare_report.select_settings(rows)
     for row in rows:
-        row["selected"] = chosen[row["optimizer"]] == report.setting_of(row)
-    groups = report.selected_rows(rows, chosen)
+        row["selected"] = chosen[row["optimizer"]] == compare_report.setting_of(row)
+    groups = compare_report.selected_rows(rows, chosen)
     timing = _time_selected(configs, rows, time_steps, device, quiet) if time_steps else None
-    table = report.summary_table(rows, timing=timing)
+    table = compare_report.summary_table(rows, timing=timing)
     plot_paths = []
     bars = [
         {"label": line["label"], "mean": 100 * line["error"].mean, "half_width": 100 * line["error"].half_width}
@@ -333,13 +333,13 @@ def compare(
     ]
     title = _title(base, optimizers, rows)
     if bars:
-        plot_paths.append(plots.error_bars(bars, out / "test_error.png", title=f"{title}: test error"))
-    points = report.frontier_points(table)
+        plot_paths.append(run_figures.error_bars(bars, out / "test_error.png", title=f"{title}: test error"))
+    points = compare_report.frontier_points(table)
     if points:
-        plot_paths.append(plots.frontier(points, out / "frontier.png", title=f"{title}: error against cost"))
+        plot_paths.append(run_figures.frontier(points, out / "frontier.png", title=f"{title}: error against cost"))
     curves = _mean_curves(out, groups)
     if curves:
-        plot_paths.append(plots.mean_curves(curves, out / "curves.png", title=f"{title}: mean over ok seeds"))
+        plot_paths.append(run_figures.mean_curves(curves, out / "curves.png", title=f"{title}: mean over ok seeds"))
 
     csv_path = out / "results.csv"
     write_text(csv_path, _csv(rows))
@@ -347,7 +347,7 @@ def compare(
     elapsed = time.perf_counter() - started
     write_text(
         report_path,
-        report.render_markdown(
+        compare_report.render_markdown(
             rows,
             title=f"{title} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})",
             setting=_setting_line(base, seeds, elapsed),
@@ -355,20 +355,20 @@ def compare(
             timing=timing,
         ),
     )
-    return CompareResult(rows, report_path, csv_path, plot_paths, report.console_table(rows, timing=timing))
+    return CompareResult(rows, report_path, csv_path, plot_paths, compare_report.console_table(rows, timing=timing))
 
 
 def _title(base: TrainConfig, optimizers: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     """What ran: the methods with at least one ok run (the figures show only those), and those that failed."""
     ran = [o for o in optimizers if any(r["optimizer"] == o and r["status"] == OK for r in rows)]
     failed = [o for o in optimizers if o not in ran]
-    title = f"{', '.join(report.label(o) for o in ran) or 'no method'} on {base.data}"
+    title = f"{', '.join(compare_report.label(o) for o in ran) or 'no method'} on {base.data}"
     if len(ran) > 4:
         title = f"{len(ran)} methods on {base.data}"
     if base.label_noise:
         title += f" with {base.label_noise:.0%} label noise"
     if failed:
-        title += f" ({', '.join(report.label(o) for o in failed)}: no run ended ok)"
+        title += f" ({', '.join(compare_report.label(o) for o in failed)}: no run ended ok)"
     return title
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -38,40 +38,140 @@ DEFAULT_MICRO_BATCHES = 4
 ASAM_ETA = METHODS["asam"].options["eta"].default
 
 
+TRAIN, BOTH = ("train",), ("train", "compare")  # the commands whose parser offers a field's flag
+
+
+def option(
+    default: Any,
+    help: Optional[str] = None,
+    *,
+    type: Optional[Callable[[str], Any]] = None,
+    choices: Optional[Sequence[str]] = None,
+    metavar: Optional[str] = None,
+    commands: tuple[str, ...] = BOTH,
+    show_default: bool = True,
+    grid: bool = False,
+    flag: Optional[str] = None,
+    by_hand: bool = False,
+    summary: bool = False,
+) -> Any:
+    """A TrainConfig field declared once, with what the ``samkit`` command and summary.json need to know of it.
+
+    help          the --help text (``show_default``: " (default X)" is appended, X being the field's default)
+    type          how the command line's text is parsed (None: kept as text); ``choices`` and ``metavar`` as argparse's
+    commands      which commands offer the flag: ("train",) or ("train", "compare"), the shared training options
+    grid          ``compare`` takes a comma-separated list of values (chosen on validation); ``train`` exactly one
+    flag          the option's name (default ``--`` + the field's name with dashes)
+    by_hand       the flag is built elsewhere (--recipe by samkit.experiments.recipes, --option by samkit.cli)
+    summary       the value is copied into the run's summary.json
+    """
+    cli = dict(
+        help=help,
+        type=type,
+        choices=tuple(choices) if choices is not None else None,
+        metavar=metavar,
+        commands=commands,
+        show_default=show_default,
+        grid=grid,
+        flag=flag,
+        by_hand=by_hand,
+    )
+    return dataclasses.field(default=default, metadata={"cli": cli, "summary": summary})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines one training run (see the module docstring)."""
+    """Everything that defines one training run (see the module docstring). Each field says how the command line
+    sets it and whether summary.json repeats it (``option``): a new field is a new line here, nothing else."""
 
-    data: str = "digits"
-    model: str = "cnn"
-    optimizer: str = "sgd"
-    epochs: int = 10
-    seed: int = 0
-    data_seed: int = 0
-    lr: Optional[float] = None
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    schedule: str = "cosine"
-    rho: Optional[float] = None
-    micro_batches: Optional[int] = None
-    options: Optional[dict] = None  # the method's own options (samkit.experiments.methods), defaults filled in
-    base_optimizer: str = "sgd"
-    label_smoothing: float = 0.0
-    mixup: float = 0.0
-    label_noise: float = 0.0
-    augment: str = "none"
-    subset: Optional[int] = None
-    val_fraction: float = 0.0
-    data_dir: Optional[str] = None
-    recipe: Optional[str] = None  # the named recipe the run started from (samkit.experiments.recipes), if any
-    max_grad_norm: Optional[float] = None
-    amp: Optional[str] = None
-    track_hessian: int = 0
-    init_from: Optional[str] = None
-    bootstrap_from: Optional[str] = None
-    subspace: Optional[str] = None  # "line": train a line of networks (samkit.experiments.subspace)
-    subspace_beta: Optional[float] = None  # the weight of its cos² term (default 1 with a subspace)
+    data: str = option(
+        "digits",
+        "dataset: digits, fashion-mnist, synthetic, cifar10, cifar100, cifar100-coarse, or npz:PATH for your own "
+        "arrays (docs/datasets.md)",
+        summary=True,
+    )
+    model: str = option(
+        "cnn", "model: mlp, cnn, cnn-bn, wrn-D-W[-nobn], resnetD, pyramidnet-D-A", summary=True
+    )
+    optimizer: str = option(
+        "sgd", "default sgd, or the recipe's", choices=OPTIMIZERS, commands=TRAIN, show_default=False, summary=True
+    )
+    epochs: int = option(10, "", type=int, summary=True)
+    seed: int = option(0, type=int, commands=TRAIN, show_default=False, summary=True)
+    data_seed: int = option(0, "seed of the split and the label noise", type=int)
+    lr: Optional[float] = option(
+        None,
+        "learning rate (default "
+        + ", ".join(f"{value:g} for {name}-based" for name, value in DEFAULT_LR.items())
+        + "; compare: a list, chosen on validation)",
+        type=float,
+        grid=True,
+        show_default=False,
+        summary=True,
+    )
+    momentum: float = option(0.9, "SGD momentum", type=float)
+    weight_decay: float = option(5e-4, "in the base optimizer", type=float)
+    batch_size: int = option(128, "the global batch (split over torchrun processes)", type=int)
+    schedule: str = option("cosine", "", choices=SCHEDULES)
+    rho: Optional[float] = option(
+        None,
+        "SAM radius (default "
+        + ", ".join(f"{value:g} for {name}" for name, value in DEFAULT_RHO.items())
+        + "; compare: a list, chosen on validation)",
+        type=float,
+        grid=True,
+        show_default=False,
+        summary=True,
+    )
+    micro_batches: Optional[int] = option(
+        None,
+        f"mSAM: the NUMBER of micro-batches K per batch (default {DEFAULT_MICRO_BATCHES}; msam only)",
+        type=int,
+        show_default=False,
+        summary=True,
+    )
+    # the method's own options (samkit.experiments.methods), defaults filled in
+    options: Optional[dict] = option(
+        None, "an option of the chosen method", flag="--option", commands=TRAIN, by_hand=True, summary=True
+    )
+    base_optimizer: str = option("sgd", "the step SAM wraps", choices=BASE_OPTIMIZERS)
+    label_smoothing: float = option(0.0, "", type=float)
+    mixup: float = option(0.0, "Beta(ALPHA, ALPHA) mixup", type=float, metavar="ALPHA")
+    label_noise: float = option(0.0, "flip this fraction of train labels", type=float, metavar="RATE")
+    augment: str = option("none", "none, basic, cutout")
+    subset: Optional[int] = option(
+        None, "train on N examples of the training set (default all)", type=int, metavar="N", show_default=False
+    )
+    val_fraction: float = option(0.0, "hold out this fraction of training data", type=float)
+    data_dir: Optional[str] = option(
+        None, "where to look first for dataset files (fashion-mnist, cifar*)", show_default=False
+    )
+    # the named recipe the run started from (samkit.experiments.recipes), if any
+    recipe: Optional[str] = option(None, "start from a named recipe", commands=TRAIN, by_hand=True)
+    max_grad_norm: Optional[float] = option(None, "clip the step's gradient to this global norm", type=float)
+    amp: Optional[str] = option(None, "mixed precision: bf16, or fp16 with loss scaling", choices=tuple(AMP_DTYPES))
+    track_hessian: int = option(
+        0, "record lambda_max every N epochs (default never)", type=int, metavar="N", show_default=False
+    )
+    init_from: Optional[str] = option(
+        None, "start from a saved run's weights (new head if needed)", metavar="RUN", commands=TRAIN,
+        show_default=False,
+    )
+    bootstrap_from: Optional[str] = option(
+        None, "train on the labels RUN predicts (bootstrap)", metavar="RUN", commands=TRAIN, show_default=False,
+        summary=True,
+    )
+    # "line": train a line of networks (samkit.experiments.subspace)
+    subspace: Optional[str] = option(
+        None,
+        "train a line of networks: w(α) = (1 − α) w1 + α w2, α ~ U[0, 1] a batch",
+        choices=("line",),
+        show_default=False,
+    )
+    # the weight of its cos² term (default 1 with a subspace)
+    subspace_beta: Optional[float] = option(
+        None, "weight of the line's cos²(w1, w2) (1)", type=float, metavar="BETA", show_default=False
+    )
 
     @property
     def is_sam(self) -> bool:
@@ -90,6 +190,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def summary_fields(self) -> dict[str, Any]:
+        """The fields declared ``summary=True``: what summary.json repeats of the config."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("summary")}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

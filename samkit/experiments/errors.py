@@ -13,8 +13,12 @@ dataset readers, the run-folder rules) becomes a UsageError with the same messag
 
 from __future__ import annotations
 
+import errno
 from contextlib import contextmanager
 from typing import Iterator
+
+# errors of a write that the user can fix (space, permissions, a read-only or failing disk): reported, not traced
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
 
 
 class UsageError(ValueError):

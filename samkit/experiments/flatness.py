@@ -81,8 +81,8 @@ def run_sharpness(
     leaves RUN/sharpness.json to ``write_sharpness``.
     """
     from samkit.experiments.inputs import load_run_data
-    from samkit.experiments.runs import open_run, trained_weights
-    from samkit.experiments.steps import make_loss_fn
+    from samkit.experiments.saved_runs import open_run, trained_weights
+    from samkit.experiments.train_step import make_loss_fn
     from samkit.sharpness import flatness_report
     from samkit.sharpness.checks import check_int
 
@@ -126,8 +126,8 @@ def run_landscape(
 ) -> Path:
     """2-D loss landscape of a saved run's model (filter-normalised directions) -> RUN/landscape.png."""
     from samkit.experiments.inputs import load_run_data
-    from samkit.experiments.runs import open_run, trained_weights
-    from samkit.experiments.steps import make_loss_fn
+    from samkit.experiments.saved_runs import open_run, trained_weights
+    from samkit.experiments.train_step import make_loss_fn
     from samkit.sharpness import loss_landscape
     from samkit.sharpness.checks import check_int, check_positive_float
 

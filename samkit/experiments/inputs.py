@@ -101,7 +101,7 @@ def load_run_data(config: TrainConfig, *, device: torch.device | str = "cpu") ->
         train, val, flipped, val_flipped = _noisy(config, dataset, config.label_noise)
         return RunData(dataset, train, val, config.label_noise, flipped, val_flipped)
 
-    from samkit.experiments.runs import open_run
+    from samkit.experiments.saved_runs import open_run
 
     source = open_run(config.bootstrap_from)
     if source.epochs_completed < source.config.epochs:

@@ -72,7 +72,7 @@ def time_methods(
     model) replace the job's data and model (the benchmarks time the methods on a fixed model and batch)."""
     from samkit.experiments.inputs import load_run_data
     from samkit.experiments.optimizers import build_optimizer
-    from samkit.experiments.steps import make_loss_fn, make_scaler, train_step
+    from samkit.experiments.train_step import make_loss_fn, make_scaler, train_step
     from samkit.experiments.trajectory import build_term
     from samkit.models import build_model
 

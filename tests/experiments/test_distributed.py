@@ -1,10 +1,6 @@
 """`torchrun --nproc_per_node 2 -m samkit train` on CPU (gloo): each rank trains on its half of every batch
-with its own perturbation, so 2 ranks x SAM equal 1 process x mSAM with 2 micro-batches; rank 0 writes."""
-
-import os
-import socket
-import subprocess
-import sys
+with its own perturbation, so 2 ranks x SAM equal 1 process x mSAM with 2 micro-batches; rank 0 writes.
+The runs come from the one torchrun launch of conftest's ``distributed_runs``."""
 
 import torch
 
@@ -15,24 +11,12 @@ from samkit.experiments.trainer import train
 from .conftest import TINY
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_ranks_of_sam_equal_one_process_of_two_micro_batches(tmp_path):
-    out = tmp_path / "ddp"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "samkit", "train", "--data", "synthetic", "--model", "mlp", "--optimizer", "sam",
-        "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--device", "cpu", "--out", str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("summary: ") == 1, done.stdout  # rank 0 alone prints, as it alone writes
+def test_two_ranks_of_sam_equal_one_process_of_two_micro_batches(tmp_path, distributed_runs):
+    out = distributed_runs.folder / "ddp"
+    done = distributed_runs.job("sam")
+    assert done["returncode"] == 0, done["stderr"][-3000:]
+    # rank 0 alone prints, as it alone writes
+    assert done["stdout"].count("summary: ") == 1 and "summary: " not in distributed_runs.job("sam", rank=1)["stdout"]
 
     train(TINY.replace(optimizer="msam", micro_batches=2, epochs=1), tmp_path / "single", device="cpu", quiet=True)
     distributed, single = load_checkpoint(out), load_checkpoint(tmp_path / "single")
@@ -57,20 +41,12 @@ def test_a_stray_rank_without_a_world_is_a_single_process(monkeypatch):
     assert not distributed.is_main_process()
 
 
-def test_saf_under_two_ranks_keeps_every_examples_logits_and_equals_one_process(tmp_path):
+def test_saf_under_two_ranks_keeps_every_examples_logits_and_equals_one_process(tmp_path, distributed_runs):
     # each rank trains on its half of every batch, but an example's reference logits were recorded by whichever
     # rank saw it an epoch ago: the logits are gathered from every rank, so rank 0's memory holds all examples
-    out = tmp_path / "ddp"
-    options = ["--option", "start_epoch=1", "--option", "delay=1"]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "samkit", "train", "--data", "synthetic", "--model", "mlp", "--optimizer", "saf", *options,
-        "--epochs", "2", "--batch-size", "32", "--lr", "0.05", "--device", "cpu", "--out", str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    out = distributed_runs.folder / "saf"
+    done = distributed_runs.job("saf")
+    assert done["returncode"] == 0, done["stderr"][-3000:]
     single = TINY.replace(optimizer="saf", options={"start_epoch": 1, "delay": 1}, epochs=2)
     train(single, tmp_path / "single", device="cpu", quiet=True)
     distributed_run, single_run = load_checkpoint(out), load_checkpoint(tmp_path / "single")

@@ -8,7 +8,7 @@ import torch
 
 from samkit.data import load_dataset
 from samkit.experiments.flatness import run_landscape, run_sharpness
-from samkit.experiments.runs import open_run
+from samkit.experiments.saved_runs import open_run
 from samkit.experiments.trainer import train
 
 from .conftest import TINY

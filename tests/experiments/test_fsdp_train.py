@@ -1,11 +1,7 @@
 """``torchrun --nproc_per_node 2 -m samkit train --fsdp`` on CPU (gloo): the model sharded by FSDP2, the ε̂ the
 global batch's, so 2 ranks of SAM equal 1 process of SAM on the whole batch; a run stopped by Ctrl-C resumes to the
-same weights, and the checkpoint holds full tensors."""
-
-import os
-import subprocess
-import sys
-from pathlib import Path
+same weights, and the checkpoint holds full tensors. The runs come from the one torchrun launch of conftest's
+``distributed_runs``."""
 
 import pytest
 import torch
@@ -14,33 +10,20 @@ from samkit.experiments.checkpoint import load_checkpoint
 from samkit.experiments.fsdp import check_fsdp
 from samkit.experiments.trainer import train
 
-from .conftest import TINY
-from .test_distributed import _free_port
-
-STEPS_PER_EPOCH = 256 // TINY.batch_size  # the synthetic set's 256 training examples
+from .conftest import STEPS_PER_EPOCH, TINY
 
 
-def _torchrun(*arguments: str, script: tuple[str, ...] = ("-m", "samkit")) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *script,
-        "train", "--data", "synthetic", "--model", "mlp", "--optimizer", "sam", "--epochs", str(TINY.epochs),
-        "--batch-size", str(TINY.batch_size), "--lr", str(TINY.lr), "--device", "cpu", "--fsdp", *arguments,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+def test_two_fsdp_ranks_stopped_and_resumed_equal_one_process_of_sam(tmp_path, distributed_runs):
+    out = distributed_runs.folder / "fsdp"
+    stopped = distributed_runs.job("fsdp-stopped")  # by Ctrl-C in epoch 2
+    assert stopped["returncode"] != 0 and "holds epoch 1" in stopped["stderr"], stopped["stderr"][-3000:]
+    assert stopped["checkpoint_epoch"] == 1
 
-
-def test_two_fsdp_ranks_stopped_and_resumed_equal_one_process_of_sam(tmp_path):
-    out = tmp_path / "fsdp"
-    interrupted = Path(__file__).with_name("interrupted_train.py")
-    stopped = _torchrun("--out", str(out), script=(str(interrupted), str(STEPS_PER_EPOCH + 2)))  # in epoch 2
-    assert stopped.returncode != 0 and "holds epoch 1" in stopped.stderr, stopped.stderr[-3000:]
-    assert load_checkpoint(out)["epoch"] == 1
-
-    resumed = _torchrun("--out", str(out), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert resumed.stdout.count("summary: ") == 1, resumed.stdout  # rank 0 alone prints, as it alone writes
+    resumed = distributed_runs.job("fsdp-resumed")
+    assert resumed["returncode"] == 0, resumed["stderr"][-3000:]
+    # rank 0 alone prints, as it alone writes
+    assert resumed["stdout"].count("summary: ") == 1
+    assert "summary: " not in distributed_runs.job("fsdp-resumed", rank=1)["stdout"]
 
     train(TINY.replace(optimizer="sam"), tmp_path / "single", device="cpu", quiet=True, plot=False)
     sharded, single = load_checkpoint(out), load_checkpoint(tmp_path / "single")

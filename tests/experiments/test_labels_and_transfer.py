@@ -7,7 +7,7 @@ import torch
 
 from samkit.data import load_dataset
 from samkit.experiments.checkpoint import load_checkpoint, save_checkpoint
-from samkit.experiments.runs import open_run
+from samkit.experiments.saved_runs import open_run
 from samkit.experiments.trainer import train
 from samkit.experiments.transfer import load_matching_weights
 from samkit.models import build_model

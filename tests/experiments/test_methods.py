@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from samkit.experiments.compare import compare, grid_by_spec, parse_spec, run_name
+from samkit.experiments.compare_report import share_of_gain, summary_table, verdict
 from samkit.experiments.config import TrainConfig
+from samkit.experiments.intervals import ratio_of_means_ci
 from samkit.experiments.methods import METHODS, resolve_options
 from samkit.experiments.optimizers import build_optimizer
-from samkit.experiments.report import share_of_gain, summary_table, verdict
-from samkit.experiments.stats import ratio_of_means_ci
 from samkit.experiments.trainer import train
 from samkit.models import build_model
 
@@ -188,7 +188,7 @@ def test_side_by_side_timing_counts_each_methods_passes():
 
 
 def test_the_sam_reference_is_sam_with_at_most_a_rho_grid():
-    from samkit.experiments.report import plain
+    from samkit.experiments.compare_report import plain
 
     assert plain("sam", "sam") and plain("sam:rho=0.05|0.1", "sam") and plain("sgd", "sgd")
     assert not plain("sam:interval=5", "sam") and not plain("sam:rho=0.1:interval=5", "sam")

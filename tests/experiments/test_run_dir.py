@@ -18,6 +18,7 @@ from samkit.experiments.checkpoint import load_checkpoint
 from samkit.experiments.errors import OutputError, UsageError
 from samkit.experiments.rundir import RunDirError, RunLock
 from samkit.experiments.trainer import TrainingInterrupted, train
+from samkit.experiments.training import checkpointing
 
 from .conftest import TINY
 
@@ -177,15 +178,15 @@ def _failing_open(name, error):
 
 def test_a_full_disk_is_a_clear_error_and_the_checkpoint_stays_whole(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_checkpoint, saves = trainer_module._Training._checkpoint, []
+    real_checkpoint, saves = checkpointing.write_checkpoint, []
 
-    def disk_full_at_epoch_two(self, *args):
-        saves.append(self.epoch)
-        if self.epoch == 2:
+    def disk_full_at_epoch_two(state, *args):
+        saves.append(state.epoch)
+        if state.epoch == 2:
             monkeypatch.setattr(files_module, "open", _failing_open("checkpoint.pt", errno.ENOSPC), raising=False)
-        return real_checkpoint(self, *args)
+        return real_checkpoint(state, *args)
 
-    monkeypatch.setattr(trainer_module._Training, "_checkpoint", disk_full_at_epoch_two)
+    monkeypatch.setattr(checkpointing, "write_checkpoint", disk_full_at_epoch_two)
     with pytest.raises(OutputError) as failed:
         train(TINY, out, device="cpu", quiet=True, plot=False)
     message = str(failed.value)

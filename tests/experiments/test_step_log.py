@@ -116,17 +116,17 @@ def test_cli_options_reach_the_run(tmp_path):
 
 
 def test_the_curves_gain_the_step_panels_only_with_sam_step_rows(tmp_path, monkeypatch):
-    from samkit.experiments import plots
+    from samkit.experiments import run_figures
 
     drawn = []
-    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.append(figure))
+    monkeypatch.setattr(run_figures, "_save", lambda figure, path: drawn.append(figure))
     epochs = [{"epoch": 1, "train_loss": 1.0, "test_loss": 1.1, "train_acc": 0.5, "test_acc": 0.4}]
     step = {"kind": "step", "epoch": 1, "step": 1, "sam": True, "grad_norm": 2.0, "eps_norm": 0.05, "loss_rise": 0.1}
     plain = {**step, "step": 2, "sam": False, "grad_norm": None, "eps_norm": None, "loss_rise": None}
-    plots.learning_curves(epochs, tmp_path / "a.png")
-    plots.learning_curves(epochs, tmp_path / "b.png", steps=[plain])  # one-pass rows have nothing to draw
-    plots.learning_curves(epochs, tmp_path / "c.png", steps=[step, plain])
-    plots.learning_curves(epochs, tmp_path / "d.png", steps=[{**step, "cosine": 0.9}])
+    run_figures.learning_curves(epochs, tmp_path / "a.png")
+    run_figures.learning_curves(epochs, tmp_path / "b.png", steps=[plain])  # one-pass rows have nothing to draw
+    run_figures.learning_curves(epochs, tmp_path / "c.png", steps=[step, plain])
+    run_figures.learning_curves(epochs, tmp_path / "d.png", steps=[{**step, "cosine": 0.9}])
     titles = [[axis.get_title() for axis in figure.axes] for figure in drawn]
     assert titles[0] == titles[1] == ["loss", "error"]
     assert titles[2] == ["loss", "error", "SAM ascent", "SAM loss rise"]

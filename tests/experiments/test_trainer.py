@@ -9,7 +9,7 @@ import torch
 
 from samkit.experiments import trainer as trainer_module
 from samkit.experiments.checkpoint import load_checkpoint
-from samkit.experiments.evaluate import evaluate_run
+from samkit.experiments.evaluate_run import evaluate_run
 from samkit.experiments.rundir import RunDirError
 from samkit.experiments.trainer import TrainingInterrupted, train
 

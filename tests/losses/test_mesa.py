@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from samkit.experiments.steps import plain_step
+from samkit.experiments.train_step import plain_step
 from samkit.losses import MESALoss
 from tests.optim.reference import batch, loss_fn, mlp
 

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from samkit.experiments.steps import plain_step
+from samkit.experiments.train_step import plain_step
 from samkit.losses import IndexedDataset, SAFLoss
 from tests.losses.test_mesa import kl_by_hand
 from tests.optim.reference import loss_fn, mlp

@@ -122,7 +122,7 @@ def test_the_summary_reports_accuracy_along_the_line(tmp_path):
     assert list(record["test_accuracy_along"]) == ["0", "0.25", "0.5", "0.75", "1"]
     assert record["midpoint_test_accuracy"] == summary["test_accuracy"]  # no BN: the midpoint the trainer evaluated
     assert not record["batch_norm_recalibrated"] and record["length"] > 0
-    from samkit.experiments.evaluate import evaluate_run
+    from samkit.experiments.evaluate_run import evaluate_run
 
     assert evaluate_run(tmp_path / "run")["test_accuracy"] == summary["test_accuracy"]  # a saved line opens at 0.5
     # the endpoints and their ensemble, recomputed from the checkpoint with plain models

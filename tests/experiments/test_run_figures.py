@@ -2,7 +2,7 @@
 
 import pytest
 
-from samkit.experiments import plots
+from samkit.experiments import run_figures
 
 ROWS = [
     {"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.5, "test_loss": 1.2 / e, "test_acc": 0.4,
@@ -11,11 +11,11 @@ ROWS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("draw", [plots.learning_curves, plots.hessian_evolution])
+@pytest.mark.parametrize("draw", [run_figures.learning_curves, run_figures.hessian_evolution])
 def test_run_plots_have_whole_epoch_ticks(tmp_path, monkeypatch, draw):
     figures = []
-    real_save = plots._save
-    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure) or real_save(figure, path))
+    real_save = run_figures._save
+    monkeypatch.setattr(run_figures, "_save", lambda figure, path: figures.append(figure) or real_save(figure, path))
     path = draw(ROWS, tmp_path / "plot.png", title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for axis in figures[0].axes:
@@ -26,9 +26,9 @@ def test_run_plots_have_whole_epoch_ticks(tmp_path, monkeypatch, draw):
 
 def test_the_error_bar_chart_says_its_bars_are_95_percent_intervals(tmp_path, monkeypatch):
     figures = []
-    real_save = plots._save
-    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure) or real_save(figure, path))
+    real_save = run_figures._save
+    monkeypatch.setattr(run_figures, "_save", lambda figure, path: figures.append(figure) or real_save(figure, path))
     rows = [{"label": "SGD", "mean": 10.0, "half_width": 1.0}, {"label": "SAM", "mean": 9.0, "half_width": 0.5}]
-    plots.error_bars(rows, tmp_path / "bars.png", title="SGD, SAM on digits: test error")
+    run_figures.error_bars(rows, tmp_path / "bars.png", title="SGD, SAM on digits: test error")
     axis = figures[0].axes[0]
     assert "95 % CI" in axis.get_ylabel() and axis.get_title() == "SGD, SAM on digits: test error"

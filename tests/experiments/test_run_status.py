@@ -1,6 +1,6 @@
 import pytest
 
-from samkit.experiments.status import COLLAPSED, DIVERGED, OK, classify_run
+from samkit.experiments.run_status import COLLAPSED, DIVERGED, OK, classify_run
 
 
 def test_non_finite_losses_mean_diverged():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from samkit.data import corrupt, load_dataset
-from samkit.experiments.evaluate import evaluate_run, format_evaluation
-from samkit.experiments.runs import open_run
+from samkit.experiments.evaluate_run import evaluate_run, format_evaluation
+from samkit.experiments.saved_runs import open_run
 
 
 def test_corrupted_accuracy_matches_a_direct_computation(finished_run):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from samkit.experiments.stats import mean_ci, t_quantile, t_two_sided_probability
+from samkit.experiments.intervals import mean_ci, t_quantile, t_two_sided_probability
 
 
 @pytest.mark.parametrize("df", list(range(1, 31)) + [50, 120])

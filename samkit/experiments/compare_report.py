@@ -1,7 +1,7 @@
 """Turn a grid of finished runs into the paper-style table: test error mean ± 95 % CI, and the gain over SGD.
 
     per optimizer, over the seeds of its selected (lr, rho):
-        ok runs        -> test error mean ± t_{0.975, n-1} s / sqrt(n)            (stats.mean_ci)
+        ok runs        -> test error mean ± t_{0.975, n-1} s / sqrt(n)            (intervals.mean_ci)
         Δ vs baseline  -> mean ± CI of the per-seed differences (paired: same seed = same init and data order)
         diverged / collapsed runs are left out of both and listed under "Excluded runs"
     selection (when a grid has several lr / rho): the value with the best mean validation accuracy over its
@@ -25,9 +25,9 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
+from samkit.experiments.intervals import MeanCI, RatioCI, mean_ci, ratio_of_means_ci
 from samkit.experiments.methods import METHODS
-from samkit.experiments.stats import MeanCI, RatioCI, mean_ci, ratio_of_means_ci
-from samkit.experiments.status import DIVERGED, OK
+from samkit.experiments.run_status import DIVERGED, OK
 
 Row = dict[str, Any]
 Setting = tuple[Optional[float], Optional[float], str]  # (lr, rho, the grid options' values)

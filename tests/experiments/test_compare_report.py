@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from samkit.experiments.report import render_markdown, select_settings, summary_table
+from samkit.experiments.compare_report import render_markdown, select_settings, summary_table
 
 
 def row(optimizer, seed, test_error, *, lr=0.1, rho=None, status="ok", val=None, reason=""):
@@ -75,7 +75,7 @@ def test_an_optimizer_whose_runs_all_failed_says_so():
 
 
 def test_the_share_of_sams_gain_is_undefined_when_sams_own_gain_may_be_zero():
-    from samkit.experiments.report import console_table
+    from samkit.experiments.compare_report import console_table
 
     sgd = [0.100, 0.100, 0.100]
     method = [0.090, 0.092, 0.091]

@@ -25,7 +25,7 @@ from samkit.experiments.files import write_json, write_text
 from samkit.experiments.inputs import load_config_dataset
 from samkit.experiments.metrics import evaluate
 from samkit.experiments.rundir import CORRUPTIONS_CSV, EVALUATION
-from samkit.experiments.runs import open_run, trained_weights
+from samkit.experiments.saved_runs import open_run, trained_weights
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
