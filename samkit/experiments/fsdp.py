@@ -45,6 +45,12 @@ def check_fsdp(config: TrainConfig, world_size: int) -> None:
         )
     if config.optimizer in REFUSED:
         raise ValueError(f"--optimizer {config.optimizer} with --fsdp: {REFUSED[config.optimizer]}")
+    if config.subspace is not None:
+        raise ValueError(
+            f"--subspace {config.subspace} with --fsdp: the line's network runs on weights interpolated from its two "
+            "endpoints, which FSDP2's all-gather of the sharded parameters does not produce; train the line "
+            "without --fsdp (one process, or DDP under torchrun)"
+        )
 
 
 def shard(model: nn.Module) -> nn.Module:

@@ -43,6 +43,8 @@ def test_fsdp_refuses_a_single_process_and_the_methods_it_cannot_run(tmp_path):
     for method, reason in (("msam", "no rank can sit at its own"), ("esam", "global batch"), ("mesa", "EMA copy")):
         with pytest.raises(ValueError, match=f"--optimizer {method} with --fsdp: .*{reason}"):
             check_fsdp(TINY.replace(optimizer=method), world_size=2)
+    with pytest.raises(ValueError, match="--subspace line with --fsdp: .*interpolated"):
+        check_fsdp(TINY.replace(optimizer="sam", subspace="line"), world_size=2)
     check_fsdp(TINY.replace(optimizer="gsam"), world_size=2)  # the others run
 
 
