@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from samkit.optim import sharded
+from samkit.optim.perturbation import at_least_float32
 from samkit.optim.sam import SAM
 
 
@@ -173,9 +174,10 @@ class GSAM(SAM):
             return
         shards = sharded.layout(perturbed + kept)  # FSDP2: the math on each rank's shards, sums over all ranks
         perturbed, kept = [sharded.to_local(t) for t in perturbed], [sharded.to_local(t) for t in kept]
-        norm = self._global_norm(perturbed, shards)
+        perturbed_wide, kept_wide = at_least_float32(perturbed), at_least_float32(kept)  # fp16 / bf16 in float32
+        norm = self._global_norm(perturbed_wide, shards)
         # d = g_s − α (g − c g_s) = (1 + α c) g_s − α g with c = ⟨g, g_s⟩ / (||g_s|| + eps)²: in place, no temporary
-        inner = torch.stack([torch.vdot(g.reshape(-1), s.reshape(-1)) for g, s in zip(kept, perturbed)]).sum()
+        inner = torch.stack([torch.vdot(g.reshape(-1), s.reshape(-1)) for g, s in zip(kept_wide, perturbed_wide)]).sum()
         if shards is not None:
             inner = shards.all_reduce_sum(inner)
         denominator = (norm + self.eps) ** 2

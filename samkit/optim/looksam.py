@@ -33,7 +33,7 @@ from typing import Any, Optional, cast
 import torch
 from torch import Tensor
 
-from samkit.optim.perturbation import TensorList
+from samkit.optim.perturbation import TensorList, at_least_float32
 from samkit.optim.sam import SAM
 
 
@@ -140,12 +140,13 @@ class LookSAM(SAM):
         if not index:
             return
         g, gs = [clean[i] for i in index], cast(list[Tensor], [params[i].grad for i in index])  # index: grads exist
+        g_wide, gs_wide = at_least_float32(g), at_least_float32(gs)  # the scalars of fp16 / bf16 in float32
         if self.foreach:
-            dots = [t.sum() for t in torch._foreach_mul(g, gs)]
-            norms = list(torch._foreach_norm(g))
+            dots = [t.sum() for t in torch._foreach_mul(g_wide, gs_wide)]
+            norms = list(torch._foreach_norm(g_wide))
         else:
-            dots = [(a * b).sum() for a, b in zip(g, gs)]
-            norms = [torch.linalg.vector_norm(a) for a in g]
+            dots = [(a * b).sum() for a, b in zip(g_wide, gs_wide)]
+            norms = [torch.linalg.vector_norm(a) for a in g_wide]
         if self.layerwise:
             coefficients = [_ratio(dot, norm * norm) for dot, norm in zip(dots, norms)]
         else:
@@ -164,11 +165,12 @@ class LookSAM(SAM):
 
     def _add_reused_direction(self, grads: list[Tensor], g_v: list[Tensor]) -> None:
         """.grad = g + α (||g|| / (||g_v|| + eps)) g_v, in place."""
+        grads_wide, g_v_wide = at_least_float32(grads), at_least_float32(g_v)  # fp16 / bf16 norms in float32
         if self.foreach:
-            norms_g, norms_v = list(torch._foreach_norm(grads)), list(torch._foreach_norm(g_v))
+            norms_g, norms_v = list(torch._foreach_norm(grads_wide)), list(torch._foreach_norm(g_v_wide))
         else:
-            norms_g = [torch.linalg.vector_norm(t) for t in grads]
-            norms_v = [torch.linalg.vector_norm(t) for t in g_v]
+            norms_g = [torch.linalg.vector_norm(t) for t in grads_wide]
+            norms_v = [torch.linalg.vector_norm(t) for t in g_v_wide]
         if self.layerwise:
             factors = [_ratio(self.alpha * a, b + self.eps) for a, b in zip(norms_g, norms_v)]
         else:

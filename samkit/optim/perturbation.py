@@ -235,6 +235,12 @@ def _lowered(
     return _copied_into(out, epsilons, foreach)
 
 
+def at_least_float32(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The tensors, with float32 copies of the fp16 / bf16 ones: the variants' own norms and inner products (GSAM,
+    LookSAM) are taken on these, as ε̂'s are above (squares overflow fp16 above 256 and vanish below ~1e-4)."""
+    return [t.float() if t.dtype in LOW_PRECISION else t for t in tensors]
+
+
 def _copied_into(out: list[Tensor], values: Sequence[Tensor], foreach: bool) -> list[Tensor]:
     """``out`` after copying ``values`` into it (cast to each out's dtype)."""
     if foreach:

@@ -143,3 +143,36 @@ def test_ae_sam_reads_a_half_precision_gradient_norm_above_65504(foreach):
     _, mean, variance = opt._step.memory["pending"]
     # ||g||² = 100 * 3e4² = 9e10 enters the EMA with weight 1 - delta = 0.1; the initial mean is 0
     assert mean == pytest.approx(0.1 * 9e10, rel=1e-6) and math.isfinite(variance)
+
+
+def _descent_gradients(name: str, dtype: torch.dtype, foreach: bool) -> list[torch.Tensor]:
+    """The gradient the base optimizer receives in 2 steps of GSAM or LookSAM (k = 2: a SAM step, then a step
+    that reuses g_v) from gradients of about 1e-4, whose squares vanish in fp16."""
+    generator = torch.Generator().manual_seed(0)
+    gradients = [torch.randn(64, generator=generator, dtype=torch.float64) * 1e-4 for _ in range(4)]
+    w = torch.nn.Parameter(torch.ones(64, dtype=dtype))
+    options = dict(rho=0.05, lr=0.1, foreach=foreach)
+    if name == "gsam":
+        optimizer: SAM = samkit.GSAM([w], torch.optim.SGD, alpha=0.2, **options)
+    else:
+        optimizer = samkit.LookSAM([w], torch.optim.SGD, k=2, alpha=0.7, **options)
+    seen: list[torch.Tensor] = []
+    optimizer.base_optimizer.register_step_pre_hook(lambda *_: seen.append(w.grad.double().clone()))
+    for step in range(2):
+        w.grad = gradients[2 * step].to(dtype)
+        if optimizer.first_step(zero_grad=True):
+            w.grad = gradients[2 * step + 1].to(dtype)
+        optimizer.second_step(zero_grad=True)
+    return seen
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("name", ["gsam", "looksam"])
+def test_the_variants_own_norms_and_inner_products_of_tiny_fp16_gradients(name, foreach):
+    """GSAM's ⟨g, g_s⟩ and ||g_s||, LookSAM's projection and ||g|| / ||g_v||, taken in float32 for fp16 gradients:
+    the descent gradients equal the float64 run's to fp16's rounding (in fp16 the squares vanish: GSAM would drop
+    its ascent-direction term, LookSAM its reused direction)."""
+    low, wide = _descent_gradients(name, torch.float16, foreach), _descent_gradients(name, torch.float64, foreach)
+    assert len(low) == len(wide) == 2
+    for got, expected in zip(low, wide):
+        assert (got - expected).norm() <= 4 * torch.finfo(torch.float16).eps * expected.norm(), (got, expected)
