@@ -113,23 +113,12 @@ def ascent_stats_overhead(*, width=4, repeats=151, warmup=2, device="cpu") -> di
     sam = SAM(params, torch.optim.SGD, rho=RHO, lr=0.0, momentum=MOMENTUM)
     asam = SAM(params, torch.optim.SGD, rho=RHO, lr=0.0, momentum=MOMENTUM, adaptive=True)
 
-    def variant(opt: SAM, enabled: bool) -> Callable[[], None]:
-        def run() -> None:
-            opt.record_step_stats(enabled)
-            for t, g in zip(params, grads):
-                t.grad = g
-            opt.first_step()
-            opt.restore()
-            opt.second_step()
-
-        return run
-
     variants = {
-        "sam_off": variant(sam, False),
-        "sam_on": variant(sam, True),
-        "sam_off_again": variant(sam, False),
-        "asam_off": variant(asam, False),
-        "asam_on": variant(asam, True),
+        "sam_off": _ascent_step(sam, params, grads, False),
+        "sam_on": _ascent_step(sam, params, grads, True),
+        "sam_off_again": _ascent_step(sam, params, grads, False),
+        "asam_off": _ascent_step(asam, params, grads, False),
+        "asam_on": _ascent_step(asam, params, grads, True),
     }
     times = interleaved(variants, repeats=repeats, warmup=warmup)
     return {
@@ -146,6 +135,20 @@ def ascent_stats_overhead(*, width=4, repeats=151, warmup=2, device="cpu") -> di
     }
 
 
+def _ascent_step(opt: SAM, params: list, grads: list, enabled: bool) -> Callable[[], None]:
+    """One timed call: recording switched as asked, gradients preset, first_step + restore + second_step."""
+
+    def run() -> None:
+        opt.record_step_stats(enabled)
+        for t, g in zip(params, grads):
+            t.grad = g
+        opt.first_step()
+        opt.restore()
+        opt.second_step()
+
+    return run
+
+
 def recording_cost(*, repeats=2001, warmup=20, device="cpu") -> dict:
     """Row ``recording_us_per_step``: the fixed per-step time of the recording, on a model too small to hide it."""
     torch.manual_seed(0)
@@ -155,15 +158,7 @@ def recording_cost(*, repeats=2001, warmup=20, device="cpu") -> dict:
     opt = SAM(params, torch.optim.SGD, rho=RHO, lr=0.0, momentum=MOMENTUM)
 
     def variant(enabled: bool) -> Callable[[], None]:
-        def run() -> None:
-            opt.record_step_stats(enabled)
-            for t, g in zip(params, grads):
-                t.grad = g
-            opt.first_step()
-            opt.restore()
-            opt.second_step()
-
-        return run
+        return _ascent_step(opt, params, grads, enabled)
 
     times = interleaved(
         {"off": variant(False), "on": variant(True), "off_again": variant(False)}, repeats=repeats, warmup=warmup
